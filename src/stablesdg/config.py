@@ -1,0 +1,334 @@
+"""Typed configuration: `params.yaml` parsed into dataclasses, validated with messages that name the key.
+
+Every section of params.yaml has one dataclass here. A field's `metadata` may carry
+`choices` (allowed values) or `range` (inclusive numeric bounds, None for open); the loader
+checks types from the annotations, rejects unknown keys and reports `section.key` and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+
+
+class ConfigError(ValueError):
+    """A params.yaml value is missing, unknown, of the wrong type or out of range."""
+
+
+def choice(*values: Any, default: Any) -> Any:
+    return field(default=default, metadata={"choices": values})
+
+
+def bounded(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    return field(default=default, metadata={"range": (lo, hi)})
+
+
+def _list(default: list, lo: float | None = None, hi: float | None = None) -> Any:
+    meta = {"range": (lo, hi)} if lo is not None or hi is not None else {}
+    return field(default_factory=lambda: list(default), metadata=meta)
+
+
+# --------------------------------------------------------------------------------------- sections
+@dataclass
+class DemoConfig:
+    per_class: int = bounded(40, 5, 10_000)
+    size: int = bounded(200, 32, 1024)
+
+
+@dataclass
+class DataConfig:
+    # `data/demo` is what the `demo` stage writes; point this at your own (dvc add-ed) folder instead.
+    source: str = "data/demo"
+    layout: str = choice("auto", "neu-cls", "neu-det", "folders", default="auto")
+    image_size: int = bounded(200, 32, 2048)
+    color_mode: str = choice("L", "RGB", default="L")
+    k_shot: int = bounded(10, 1, 10_000)
+    val_per_class: int = bounded(10, 1, 10_000)
+    test_per_class: int = bounded(20, 1, 100_000)
+    max_pixels: int = bounded(40_000_000, 1024, None)
+    max_file_mb: float = bounded(64.0, 0.001, None)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+@dataclass
+class ClassConfig:
+    """Per-class settings (params key `classes.<name>`): DVC re-runs only the class whose block changes."""
+
+    initializer: str = "texture"
+    embedding_steps: int | None = bounded(None, 0, 1_000_000)
+    lora_steps: int | None = bounded(None, 0, 1_000_000)
+
+
+@dataclass
+class ModelConfig:
+    # `tiny`: built-in SD-architecture model; else a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)
+    # or a local diffusers folder.
+    base: str = "tiny"
+    revision: str | None = None
+    resolution: int = bounded(64, 32, 1024)
+    placeholder: str = "<{cls}>"
+    tiny_seed: int = bounded(0, 0, None)
+
+
+@dataclass
+class EmbeddingStageConfig:
+    steps: int = bounded(60, 0, 1_000_000)
+    learning_rate: float = bounded(5e-3, 0.0, 10.0)
+    batch_size: int = bounded(4, 1, 1024)
+
+
+@dataclass
+class LoraStageConfig:
+    steps: int = bounded(60, 0, 1_000_000)
+    rank: int = bounded(4, 1, 1024)
+    alpha: float = bounded(4.0, 0.0, 4096.0)
+    unet_learning_rate: float = bounded(1e-3, 0.0, 10.0)
+    text_learning_rate: float = bounded(5e-4, 0.0, 10.0)
+    batch_size: int = bounded(4, 1, 1024)
+    train_text_encoder: bool = True
+
+
+@dataclass
+class AugmentConfig:
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+
+
+@dataclass
+class AdaptConfig:
+    embedding: EmbeddingStageConfig = field(default_factory=EmbeddingStageConfig)
+    lora: LoraStageConfig = field(default_factory=LoraStageConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    prompt_templates: list[str] = _list(["A photo of {}", "A close-up photo of {}", "A grayscale photo of {}"])
+    checkpoint_every: int = bounded(20, 1, 1_000_000)
+    grid_every: int = bounded(0, 0, 1_000_000)
+    mixed_precision: str = choice("auto", "no", "fp16", "bf16", default="auto")
+    gradient_checkpointing: bool = True
+    device: str = "auto"
+
+
+@dataclass
+class GenerateConfig:
+    mode: str = choice("img2img", "txt2img", default="img2img")
+    per_class: int = bounded(40, 0, 1_000_000)
+    strength: float = bounded(0.5, 0.0, 1.0)
+    guidance_scale: float = bounded(5.0, 0.0, 50.0)
+    steps: int = bounded(20, 1, 1000)
+    scheduler: str = choice("ddim", "pndm", "euler", "dpm", default="ddim")
+    use_search: bool = True
+    batch_size: int = bounded(8, 1, 1024)
+    device: str = "auto"
+
+
+@dataclass
+class SearchConfig:
+    strength: list[float] = _list([0.3, 0.5, 0.7], 0.0, 1.0)
+    guidance_scale: list[float] = _list([3.0, 7.5], 0.0, 50.0)
+    steps: list[int] = _list([10, 20], 1, 1000)
+    images_per_trial: int = bounded(8, 2, 10_000)
+    refine: bool = True
+    refine_rounds: int = bounded(1, 0, 10)
+
+
+@dataclass
+class MetricsConfig:
+    feature_net: str = choice("offline", "inception", default="offline")
+    inception_weights: str | None = None
+    offline_feature_dim: int = bounded(64, 8, 4096)
+    offline_epochs: int = bounded(15, 1, 1000)
+    kid_subset_size: int = bounded(50, 2, 100_000)
+    kid_subsets: int = bounded(50, 1, 10_000)
+    batch_size: int = bounded(32, 1, 4096)
+    cache_dir: str = ".cache/features"
+
+
+@dataclass
+class ClassifierConfig:
+    backbone: str = choice(
+        "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+        default="mobilenet_v3_small",
+    )
+    pretrained: bool = False
+    weights_path: str | None = None
+    input_size: int = bounded(128, 32, 1024)
+    epochs: int = bounded(12, 1, 10_000)
+    batch_size: int = bounded(32, 1, 4096)
+    optimizer: str = choice("adamw", "sgd", default="adamw")
+    learning_rate: float = bounded(1e-3, 0.0, 10.0)
+    weight_decay: float = bounded(1e-4, 0.0, 1.0)
+    schedule: str = choice("cosine", "step", "none", default="cosine")
+    patience: int = bounded(5, 1, 10_000)
+    synthetic_ratio: float = bounded(1.0, 0.0, 100.0)
+    augment: bool = True
+    primary_metric: str = choice("macro_f1", "accuracy", default="macro_f1")
+    num_workers: int = bounded(0, 0, 64)
+    device: str = "auto"
+
+
+@dataclass
+class ExportConfig:
+    opset: int = bounded(17, 11, 23)
+    quantize: bool = True
+    max_accuracy_drop: float = bounded(0.5, 0.0, 100.0)
+    calibration_images: int = bounded(60, 1, 100_000)
+    parity_atol: float = bounded(1e-4, 0.0, 1.0)
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "stablesdg"
+    registered_model: str = "steel-defect-classifier"
+
+
+@dataclass
+class Params:
+    seed: int = bounded(42, 0, 2**32 - 1)
+    data: DataConfig = field(default_factory=DataConfig)
+    classes: dict[str, ClassConfig] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes) if self.classes else list(NEU_CLASSES)
+
+    def class_config(self, name: str) -> ClassConfig:
+        if name not in self.class_names:
+            raise ConfigError(f"classes: unknown class {name!r}; allowed: {', '.join(self.class_names)}")
+        return self.classes.get(name, ClassConfig())
+
+
+# --------------------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v if v is not None else {}, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _check_bounds(value: Any, meta: typing.Mapping, key: str) -> None:
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(map(str, meta["choices"]))
+        raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {allowed}")
+    if "range" in meta:
+        lo, hi = meta["range"]
+        for v in value if isinstance(value, list) else [value]:
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                span = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+                raise ConfigError(f"{key}: {v!r} is out of range; allowed values: {span}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key; allowed keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(value, hints[name], key)
+        _check_bounds(kwargs[name], fields[name].metadata, key)
+    return cls(**kwargs)
+
+
+def parse_params(raw: dict | None) -> Params:
+    params = _build(Params, raw or {}, "")
+    _check_classes(params)
+    return params
+
+
+def _check_classes(params: Params) -> None:
+    for name in params.classes:
+        if not name or any(c in name for c in "/\\ "):
+            raise ConfigError(f"classes.{name}: class names may not contain '/', '\\' or spaces")
+    if len(params.class_names) < 2:
+        raise ConfigError("classes: at least two classes are needed to train a classifier")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found; run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    try:
+        return parse_params(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested params as flat `a.b.c` keys (MLflow params)."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = obj
+    return out

@@ -1,0 +1,103 @@
+"""MLflow tracking: one place that knows the store, the experiment and the tags every run carries."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Params, flatten
+from .utils import sha256_tree
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; a ./mlruns file store is refused
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def configure(experiment: str) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri())
+    mlflow.set_experiment(experiment)
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dvc_hash(path: str | Path, lock_file: str | Path = "dvc.lock") -> str | None:
+    """The md5 DVC recorded for `path` as a stage output or dependency in dvc.lock (None if not there)."""
+    lock = Path(lock_file)
+    if not lock.exists():
+        return None
+    wanted = Path(path).as_posix().rstrip("/")
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for stage in stages.values():
+        for entry in stage.get("outs", []) + stage.get("deps", []):
+            if entry.get("path", "").rstrip("/") == wanted and entry.get("md5"):
+                return entry["md5"]
+    return None
+
+
+def data_tags(paths: Sequence[str | Path]) -> dict[str, str]:
+    """Tags that pin a run to its input data: DVC's md5 where dvc.lock has it, and our own content hash."""
+    tags: dict[str, str] = {}
+    for path in paths:
+        name = Path(path).as_posix()
+        if not Path(path).exists():
+            continue
+        md5 = dvc_hash(name)
+        if md5:
+            tags[f"dvc_hash.{name}"] = md5
+        tags[f"data_sha256.{name}"] = sha256_tree(path)
+    return tags
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: Params,
+    inputs: Sequence[str | Path] = (),
+    run_name: str | None = None,
+    nested: bool = False,
+    extra_tags: dict[str, Any] | None = None,
+) -> Iterator[Any]:
+    """An MLflow run for one pipeline stage with flattened params, git commit and input-data hashes."""
+    import mlflow
+
+    configure(params.tracking.experiment)
+    with mlflow.start_run(run_name=run_name or stage, nested=nested) as run:
+        mlflow.set_tags(
+            {"stage": stage, "git_commit": git_commit(), **data_tags(inputs), **(extra_tags or {})}
+        )
+        flat = {k: ("" if v is None else str(v))[:500] for k, v in flatten(params).items()}
+        # log_params refuses batches over 100 keys on some stores; chunk them.
+        items = sorted(flat.items())
+        for i in range(0, len(items), 90):
+            mlflow.log_params(dict(items[i : i + 90]))
+        yield run
+
+
+def log_image(image: Any, artifact_file: str) -> None:
+    """Log a PIL image as a PNG artifact (mlflow.log_image wants numpy or PIL; keep the name explicit)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        image.save(path)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact_file).parent) or None)

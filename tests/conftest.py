@@ -1,0 +1,52 @@
+"""Shared test fixtures: a real MLflow sqlite store per test, a processed-data fixture, a DVC project copy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh sqlite tracking + registry store; artifacts under the same tmp dir."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # default artifact root (./mlruns) lands in tmp too
+    return uri
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a console command with the venv's bin first on PATH (as `dvc repro` runs `stablesdg`)."""
+    full_env = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+                "DVC_NO_ANALYTICS": "1", **(env or {})}
+    result = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_project(dest: Path, params_yaml: str | None = None) -> Path:
+    """A temporary git + DVC repo with this project's dvc.yaml, params.yaml and sources."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        if (REPO_ROOT / name).exists():
+            shutil.copy(REPO_ROOT / name, dest / name)
+    shutil.copytree(REPO_ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    if params_yaml is not None:
+        (dest / "params.yaml").write_text(params_yaml)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}"}
+    run_cli(["git", "init", "-q"], dest)
+    run_cli(["git", "config", "user.email", "t@example.com"], dest)
+    run_cli(["git", "config", "user.name", "test"], dest)
+    run_cli(["dvc", "init", "-q"], dest, env)
+    run_cli(["git", "add", "-A"], dest)
+    run_cli(["git", "commit", "-qm", "init"], dest)
+    return dest
