@@ -50,3 +50,23 @@ def make_project(dest: Path, params_yaml: str | None = None) -> Path:
     run_cli(["git", "add", "-A"], dest)
     run_cli(["git", "commit", "-qm", "init"], dest)
     return dest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shared_model_cache(tmp_path_factory):
+    """Built-in tiny models are built once per test session, not once per test."""
+    os.environ.setdefault("STABLESDG_CACHE", str(tmp_path_factory.mktemp("stablesdg-cache")))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_processed(root: Path, classes: list[str], per_class: int = 8, size: int = 64, k_shot: int = 3,
+                   seed: int = 0) -> Path:
+    """A real ingest of demo images into root/processed (the layout every stage reads)."""
+    from stablesdg.config import DataConfig
+    from stablesdg.data import ingest
+    from stablesdg.demo import write_demo_dataset
+
+    write_demo_dataset(root / "raw", classes, per_class, size, seed)
+    cfg = DataConfig(image_size=size, k_shot=k_shot, val_per_class=2, test_per_class=per_class - k_shot - 2)
+    ingest(root / "raw", root / "processed", cfg, classes, seed)
+    return root / "processed"

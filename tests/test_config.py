@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import REPO_ROOT, run_cli
+
 from stablesdg.config import ConfigError, flatten, load_params, parse_params
 
 

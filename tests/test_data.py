@@ -97,8 +97,8 @@ def test_16_bit_tiff_is_scaled_not_clipped(tmp_path):
 def test_split_is_stratified_reproducible_and_disjoint(tmp_path):
     _write_folders(tmp_path / "src", 12)
     a = ingest(tmp_path / "src", tmp_path / "a", SMALL, CLASSES, seed=3)
-    b = ingest(tmp_path / "src", tmp_path / "b", SMALL, CLASSES, seed=3)
-    c = ingest(tmp_path / "src", tmp_path / "c", SMALL, CLASSES, seed=4)
+    ingest(tmp_path / "src", tmp_path / "b", SMALL, CLASSES, seed=3)
+    ingest(tmp_path / "src", tmp_path / "c", SMALL, CLASSES, seed=4)
     for cls in CLASSES:
         assert a["per_class"][cls] == {"train": 3, "val": 2, "test": 3, "pool": 4}
         splits = {s: [p.name for p in split_paths(tmp_path / "a", cls, s)] for s in ("train", "val", "test")}

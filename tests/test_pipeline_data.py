@@ -7,8 +7,8 @@ import shutil
 import mlflow
 import pytest
 import yaml
-
 from conftest import REPO_ROOT, make_project, run_cli
+
 from stablesdg.utils import sha256_tree
 
 

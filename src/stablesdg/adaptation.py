@@ -1,0 +1,448 @@
+"""Generator adaptation for one defect class: textual inversion, then LoRA on the U-Net and the text encoder.
+
+Follows diffusers' `textual_inversion.py` and `train_dreambooth_lora.py` examples: explicit loops, the
+noise-prediction loss, and the standard files `learned_embeds.safetensors` / `pytorch_lora_weights.safetensors`
+that stock `load_textual_inversion` / `load_lora_weights` read.
+
+Every random draw of step `s` (images, augmentation, prompt, noise, timestep) comes from a generator seeded with
+(seed, class, stage, s). A run resumed from a checkpoint therefore replays exactly the steps an uninterrupted run
+would have made.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from .config import Params
+from .utils import derive_seed, pick_device, sha256_file, write_json
+
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+EMBEDS_FILE = "learned_embeds.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class ClassData:
+    """The class's few real images as a [-1, 1] RGB tensor at the model's resolution."""
+
+    name: str
+    placeholder: str
+    initializer: str
+    pixels: torch.Tensor  # (N, 3, R, R)
+    files: list[Path]
+
+
+@dataclass
+class TrainState:
+    stage: str
+    step: int = 0
+
+
+def load_class_images(paths: list[Path], resolution: int) -> torch.Tensor:
+    if not paths:
+        raise click.ClickException("no training images for this class: run the ingest stage first")
+    arrays = []
+    for path in paths:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+        arrays.append(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def sample_batch(data: ClassData, params: Params, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """Random images with the flips and 90-degree rotations that suit rolled-steel textures."""
+    idx = torch.randint(len(data.pixels), (batch_size,), generator=gen)
+    batch = data.pixels[idx].clone()
+    aug = params.adapt.augment
+    for i in range(batch_size):
+        flips = torch.randint(2, (3,), generator=gen).tolist()
+        turns = int(torch.randint(4, (1,), generator=gen))
+        if aug.hflip and flips[0]:
+            batch[i] = batch[i].flip(-1)
+        if aug.vflip and flips[1]:
+            batch[i] = batch[i].flip(-2)
+        if aug.rot90 and turns:
+            batch[i] = torch.rot90(batch[i], turns, dims=(-2, -1))
+    return batch
+
+
+def prompt_ids(pipe, data: ClassData, templates: list[str], batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    picks = torch.randint(len(templates), (batch_size,), generator=gen).tolist()
+    prompts = [templates[i].format(data.placeholder) for i in picks]
+    tok = pipe.tokenizer
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def diffusion_loss(pipe, pixels: torch.Tensor, input_ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The standard denoising objective (epsilon or v-prediction, as the scheduler says)."""
+    device = pipe.unet.device
+    with torch.no_grad():
+        dist = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist
+        latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)
+        latents = latents * pipe.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
+    sched = pipe.scheduler
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
+    noisy = sched.add_noise(latents, noise, t)
+    hidden = pipe.text_encoder(input_ids.to(device))[0]
+    pred = pipe.unet(noisy, t, encoder_hidden_states=hidden).sample
+    target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+    return F.mse_loss(pred.float(), target.float())
+
+
+# --------------------------------------------------------------------------------------- stage 1
+def add_placeholder_token(pipe, placeholder: str, initializer: str) -> int:
+    """Add `placeholder` to the tokenizer, its embedding row initialised from the initializer word."""
+    init_ids = pipe.tokenizer.encode(initializer, add_special_tokens=False)
+    if len(init_ids) != 1:
+        raise click.ClickException(
+            f"classes.*.initializer: {initializer!r} is {len(init_ids)} tokens for this tokenizer; use one word "
+            "the tokenizer knows as a single token"
+        )
+    if pipe.tokenizer.add_tokens(placeholder) != 1:
+        raise click.ClickException(f"model.placeholder: {placeholder!r} already exists in the tokenizer")
+    token_id = pipe.tokenizer.convert_tokens_to_ids(placeholder)
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        emb = pipe.text_encoder.get_input_embeddings().weight
+        emb[token_id] = emb[init_ids[0]].clone()
+    return token_id
+
+
+def freeze_all(pipe) -> None:
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+
+
+def embedding_steps(pipe, data: ClassData, params: Params, token_id: int, state: TrainState,
+                    optimizer: torch.optim.Optimizer, until: int) -> Iterator[float]:
+    """Train only the placeholder row; every other row is put back after each step."""
+    emb = pipe.text_encoder.get_input_embeddings()
+    original = emb.weight.detach().clone()
+    keep = torch.ones(len(original), dtype=torch.bool)
+    keep[token_id] = False
+    cfg = params.adapt.embedding
+    while state.step < until:
+        gen = torch.Generator().manual_seed(derive_seed(params.seed, data.name, "embedding", state.step))
+        pixels = sample_batch(data, params, cfg.batch_size, gen)
+        loss = diffusion_loss(pipe, pixels, prompt_ids(pipe, data, params.adapt.prompt_templates,
+                                                      cfg.batch_size, gen), gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            emb.weight[keep] = original[keep]
+        state.step += 1
+        yield loss.item()
+
+
+# --------------------------------------------------------------------------------------- stage 2
+def inject_lora(pipe, rank: int, alpha: float, train_text_encoder: bool) -> None:
+    """LoRA layers on the attention projections, through peft's injection API.
+
+    `CLIPTextModel.add_adapter` breaks with transformers 5.24 + peft 0.21, so both models use
+    `inject_adapter_in_model` (diffusers' own `unet.add_adapter` does the same underneath).
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet_cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS)
+    inject_adapter_in_model(unet_cfg, pipe.unet, adapter_name="default")
+    if train_text_encoder:
+        text_cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                              target_modules=TEXT_LORA_TARGETS)
+        inject_adapter_in_model(text_cfg, pipe.text_encoder, adapter_name="default")
+    for module in (pipe.unet, pipe.text_encoder):
+        for name, p in module.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+
+def lora_param_groups(pipe, params: Params) -> list[dict]:
+    cfg = params.adapt.lora
+    unet = [p for n, p in pipe.unet.named_parameters() if "lora_" in n]
+    text = [p for n, p in pipe.text_encoder.named_parameters() if "lora_" in n]
+    groups = [{"params": unet, "lr": cfg.unet_learning_rate}]
+    if text:
+        groups.append({"params": text, "lr": cfg.text_learning_rate})
+    return groups
+
+
+def lora_steps(pipe, data: ClassData, params: Params, state: TrainState, optimizer: torch.optim.Optimizer,
+               until: int) -> Iterator[float]:
+    cfg = params.adapt.lora
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    while state.step < until:
+        gen = torch.Generator().manual_seed(derive_seed(params.seed, data.name, "lora", state.step))
+        pixels = sample_batch(data, params, cfg.batch_size, gen)
+        loss = diffusion_loss(pipe, pixels, prompt_ids(pipe, data, params.adapt.prompt_templates,
+                                                      cfg.batch_size, gen), gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state.step += 1
+        yield loss.item()
+
+
+# --------------------------------------------------------------------------------------- save / load
+def lora_state_dicts(pipe) -> tuple[dict, dict]:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    has_text = any("lora_" in n for n, _ in pipe.text_encoder.named_parameters())
+    text = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder)) if has_text else {}
+    return unet, text
+
+
+def save_adapter(pipe, data: ClassData, token_id: int, params: Params, out_dir: Path) -> dict[str, str]:
+    """Write learned_embeds.safetensors and pytorch_lora_weights.safetensors; returns their sha256."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    row = pipe.text_encoder.get_input_embeddings().weight[token_id].detach().cpu().clone()
+    save_file({data.placeholder: row[None]}, out_dir / EMBEDS_FILE)
+    unet_sd, text_sd = lora_state_dicts(pipe)
+    cfg = params.adapt.lora
+    meta = {"r": cfg.rank, "lora_alpha": cfg.alpha}
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir, unet_lora_layers=unet_sd, text_encoder_lora_layers=text_sd or None, weight_name=LORA_FILE,
+        unet_lora_adapter_metadata={**meta, "target_modules": UNET_LORA_TARGETS},
+        text_encoder_lora_adapter_metadata={**meta, "target_modules": TEXT_LORA_TARGETS} if text_sd else None,
+    )
+    return {EMBEDS_FILE: sha256_file(out_dir / EMBEDS_FILE), LORA_FILE: sha256_file(out_dir / LORA_FILE)}
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+def fingerprint(params: Params, data: ClassData) -> str:
+    """What the adaptation depends on: a checkpoint made under another fingerprint is not resumed."""
+    from dataclasses import asdict
+
+    parts = {
+        "seed": params.seed, "model": asdict(params.model), "adapt": asdict(params.adapt),
+        "class": asdict(params.class_config(data.name)), "files": [sha256_file(f) for f in data.files],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def trainable_state(pipe) -> dict[str, torch.Tensor]:
+    state = {f"unet.{n}": p.detach().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    state.update({f"text.{n}": p.detach().clone() for n, p in pipe.text_encoder.named_parameters()
+                  if p.requires_grad or "embeddings.token_embedding" in n})
+    return state
+
+
+def restore_trainable(pipe, state: dict[str, torch.Tensor]) -> None:
+    named = {f"unet.{n}": p for n, p in pipe.unet.named_parameters()}
+    named.update({f"text.{n}": p for n, p in pipe.text_encoder.named_parameters()})
+    with torch.no_grad():
+        for name, value in state.items():
+            named[name].copy_(value)
+
+
+def save_checkpoint(path: Path, pipe, optimizer, state: TrainState, fp: str, losses: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"fingerprint": fp, "stage": state.stage, "step": state.step, "losses": list(losses),
+                "weights": trainable_state(pipe),
+                "optimizer": optimizer.state_dict() if optimizer else None}, tmp)
+    tmp.replace(path)  # atomic: a kill during the save leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: Path, fp: str) -> dict | None:
+    if not path.exists():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt if ckpt.get("fingerprint") == fp else None
+
+
+# --------------------------------------------------------------------------------------- driver
+@dataclass
+class AdaptRun:
+    """One class's adaptation: both stages with checkpoints, resumable, optionally stopped early."""
+
+    params: Params
+    data: ClassData
+    out_dir: Path
+    checkpoint_dir: Path
+    device: str = "cpu"
+    max_steps_this_run: int | None = None  # stop after this many steps (tests, time-boxed runs)
+    stages: tuple[str, ...] = ("embedding", "lora")
+    on_step: object = None  # callable(stage, step, loss) for MLflow logging
+    losses: list[tuple[int, str, float]] = field(default_factory=list)
+
+    def steps_for(self, stage: str) -> int:
+        cls_cfg = self.params.class_config(self.data.name)
+        if stage == "embedding":
+            override, default = cls_cfg.embedding_steps, self.params.adapt.embedding.steps
+        else:
+            override, default = cls_cfg.lora_steps, self.params.adapt.lora.steps
+        return default if override is None else override
+
+    def run(self, pipe) -> dict | None:
+        """Adapt `pipe` in place. Returns the adapter record, or None when stopped before the end."""
+        freeze_all(pipe)
+        token_id = add_placeholder_token(pipe, self.data.placeholder, self.data.initializer)
+        fp = fingerprint(self.params, self.data)
+        ckpt = load_checkpoint(self.checkpoint_dir / "checkpoint.pt", fp)
+        self.losses = list(ckpt["losses"]) if ckpt else []
+        budget = [self.max_steps_this_run]
+        for stage in ("embedding", "lora"):
+            if stage == "embedding" and ckpt and ckpt["stage"] == "lora":
+                continue  # stage 1 had finished; its row is restored from the stage-2 checkpoint
+            resume = ckpt if ckpt and ckpt["stage"] == stage else None
+            if not self._run_stage(pipe, stage, token_id, resume, fp, budget):
+                return None
+        hashes = save_adapter(pipe, self.data, token_id, self.params, self.out_dir)
+        return self._record(hashes)
+
+    def _optimizer(self, pipe, stage: str) -> torch.optim.Optimizer:
+        if stage == "embedding":
+            emb = pipe.text_encoder.get_input_embeddings().weight
+            emb.requires_grad_(True)
+            return torch.optim.AdamW([emb], lr=self.params.adapt.embedding.learning_rate, weight_decay=0.0)
+        cfg = self.params.adapt.lora
+        # LoRA's random init must not depend on what ran before it (a resumed run skips stage 1).
+        torch.manual_seed(derive_seed(self.params.seed, self.data.name, "lora-init"))
+        inject_lora(pipe, cfg.rank, cfg.alpha, cfg.train_text_encoder)
+        pipe.text_encoder.get_input_embeddings().weight.requires_grad_(False)
+        return torch.optim.AdamW(lora_param_groups(pipe, self.params), weight_decay=1e-2)
+
+    def _run_stage(self, pipe, stage: str, token_id: int, ckpt: dict | None, fp: str, budget: list) -> bool:
+        total = self.steps_for(stage) if stage in self.stages else 0
+        optimizer = self._optimizer(pipe, stage)
+        state = TrainState(stage)
+        if ckpt:
+            restore_trainable(pipe, ckpt["weights"])
+            if ckpt["optimizer"] is not None:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            state.step = ckpt["step"]
+        if stage == "embedding":
+            steps = embedding_steps(pipe, self.data, self.params, token_id, state, optimizer, total)
+        else:
+            steps = lora_steps(pipe, self.data, self.params, state, optimizer, total)
+        ckpt_path = self.checkpoint_dir / "checkpoint.pt"
+        bar = tqdm(steps, total=total - state.step, desc=f"{self.data.name} {stage}", leave=False)
+        for loss in bar:
+            self.losses.append((state.step, stage, loss))
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if self.on_step:
+                self.on_step(stage, state.step, loss)
+            if state.step % self.params.adapt.checkpoint_every == 0 or state.step == total:
+                save_checkpoint(ckpt_path, pipe, optimizer, state, fp, self.losses)
+            if budget[0] is not None:
+                budget[0] -= 1
+                if budget[0] <= 0 and state.step < total:
+                    return False
+        if stage == "embedding":  # hand the finished row to stage 2 (whose optimizer starts fresh)
+            save_checkpoint(ckpt_path, pipe, None, TrainState("lora"), fp, self.losses)
+        return True
+
+    def _record(self, hashes: dict[str, str]) -> dict:
+        from .diffusion import base_model_record
+
+        final = {stage: next((loss for _, s, loss in reversed(self.losses) if s == stage), None)
+                 for stage in ("embedding", "lora")}
+        record = {
+            "class": self.data.name, "placeholder": self.data.placeholder, "initializer": self.data.initializer,
+            **base_model_record(self.params.model),
+            "embedding_steps": self.steps_for("embedding") if "embedding" in self.stages else 0,
+            "lora_steps": self.steps_for("lora") if "lora" in self.stages else 0,
+            "lora_rank": self.params.adapt.lora.rank, "lora_alpha": self.params.adapt.lora.alpha,
+            "train_images": [f.name for f in self.data.files], "final_loss": final, "sha256": hashes,
+        }
+        write_json(self.out_dir / "adapter.json", record)
+        return record
+
+
+def class_data(params: Params, processed: Path, cls: str) -> ClassData:
+    from .data import split_paths
+
+    files = split_paths(processed, cls, "train")
+    return ClassData(
+        name=cls, placeholder=params.model.placeholder.format(cls=cls),
+        initializer=params.class_config(cls).initializer,
+        pixels=load_class_images(files, params.model.resolution), files=files,
+    )
+
+
+def write_loss_csv(path: Path, losses: list[tuple[int, str, float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "stage", "loss"])
+        offset = max((s for s, st, _ in losses if st == "embedding"), default=0)
+        for step, stage, loss in losses:  # one x axis across both stages for the DVC plot
+            writer.writerow([step + (offset if stage == "lora" else 0), stage, f"{loss:.6f}"])
+
+
+def adapt_class(params: Params, cls: str, processed: Path, out_root: Path, reports: Path,
+                checkpoint_root: Path = Path(".cache/adapt"), track: bool = True,
+                max_steps_this_run: int | None = None, stages: tuple[str, ...] = ("embedding", "lora")):
+    """Load the base model, adapt it to `cls`, save the adapter; returns (pipe, record or None)."""
+    from .diffusion import load_base_pipeline
+
+    torch.manual_seed(params.seed)
+    device = pick_device(params.adapt.device)
+    pipe = load_base_pipeline(params.model, device)
+    data = class_data(params, processed, cls)
+    run = AdaptRun(params, data, out_root / cls, checkpoint_root / cls, device, max_steps_this_run, stages)
+    if not track:
+        return pipe, run.run(pipe)
+    from . import tracking
+
+    with tracking.stage_run("adapt", params, inputs=[processed / "images" / cls], run_name=f"adapt-{cls}",
+                            extra_tags={"class": cls}):
+        import mlflow
+
+        run.on_step = lambda stage, step, loss: mlflow.log_metric(f"loss_{stage}", loss, step=step)
+        record = run.run(pipe)
+        if record:
+            write_loss_csv(reports / f"{cls}_loss.csv", run.losses)
+            mlflow.log_artifacts(str(out_root / cls), artifact_path="adapter")
+            tracking.log_image(adapt_grid(pipe, params, data), f"grids/{cls}_real_vs_generated.png")
+    return pipe, record
+
+
+def adapt_grid(pipe, params: Params, data: ClassData, n: int = 4) -> Image.Image:
+    """Real training images over images the adapted model makes from them."""
+    from .generation import render
+
+    sources = data.files[:n]
+    fakes = render(pipe, params, data.name, sources, strength=params.generate.strength,
+                   guidance_scale=params.generate.guidance_scale, steps=params.generate.steps,
+                   seeds=[derive_seed(params.seed, data.name, "grid", i) for i in range(len(sources))])
+    from .viz import image_grid
+
+    return image_grid([[Image.open(p) for p in sources], fakes], ["real", "generated"])
+
+
+@click.command("adapt")
+@click.option("--class", "cls", required=True, help="defect class to adapt to")
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", default="models/adapters", show_default=True, type=click.Path(path_type=Path))
+@click.option("--reports", default="reports/adapt", show_default=True, type=click.Path(path_type=Path))
+def adapt_command(cls: str, params_path: str, processed: Path, out: Path, reports: Path) -> None:
+    """Textual inversion, then LoRA (U-Net + text encoder) on the class's k-shot images."""
+    from .cli import load_or_exit
+
+    params = load_or_exit(params_path)
+    params.class_config(cls)
+    _, record = adapt_class(params, cls, processed, out, reports)
+    click.echo(f"adapt {cls}: embedding loss {record['final_loss']['embedding']}, "
+               f"lora loss {record['final_loss']['lora']} -> {out / cls}")

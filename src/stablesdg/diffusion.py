@@ -1,0 +1,202 @@
+"""Base diffusion model: a hub id, a local diffusers folder, or the built-in `tiny` SD-architecture model.
+
+The tiny model has Stable Diffusion 1.5's module names (`to_q/to_k/to_v/to_out.0` in the U-Net,
+`q_proj/k_proj/v_proj/out_proj` in CLIP), so every embedding and LoRA code path is the one a real checkpoint
+takes. It is built deterministically from a seed, saved with `save_pretrained` and loaded back through the stock
+`from_pretrained`, exactly like a downloaded checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+}
+# Words the tiny tokenizer knows as whole tokens: prompt templates, initializer words, steel vocabulary.
+TINY_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "or", "photo", "close-up", "closeup", "grayscale", "greyscale", "picture", "image", "texture", "surface", "steel", "metal", "plate", "strip", "rolled", "hot", "cold", "defect", "defects", "crack", "cracks", "crazing", "spot", "spots", "inclusion", "patch", "patches", "stain", "blotch", "pit", "pits", "pitted", "dots", "dot", "scale", "flake", "flakes", "rolled-in", "scratch", "scratches", "line", "lines", "mark", "stripe", "stripes", "grain", "noise", "rough", "smooth", "dark", "bright", "gray", "grey", "light", "shadow", "fine", "coarse", "small", "large", "long", "thin", "industrial", "microscope", "macro", "view", "top", "detail", "pattern", "network", "cluster", "speck", "specks", "blob", "blobs", "streak", "streaks"]
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Sizes of the built-in model: small enough for CPU training steps in tens of milliseconds."""
+
+    seed: int = 0
+    resolution: int = 64
+    unet_channels: tuple[int, int] = (32, 64)
+    vae_channels: tuple[int, int] = (32, 64)
+    text_hidden: int = 32
+    text_layers: int = 2
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class BaseModelError(RuntimeError):
+    """The base model cannot be loaded (offline hub id, missing folder, incomplete checkpoint)."""
+
+
+# --------------------------------------------------------------------------------------- tiny model
+def write_tiny_tokenizer(folder: Path) -> None:
+    """Train a small CLIP-style BPE (end-of-word `</w>`) on TINY_WORDS and write vocab.json + merges.txt."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    alphabet = [chr(c) for c in range(33, 127)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    # Each word repeated so every merge up to the whole word is learnt; the alphabet keeps any text encodable.
+    corpus = [" ".join(TINY_WORDS)] * 4 + [" ".join(alphabet)]
+    tokenizer.train_from_iterator(corpus, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = tokenizer.get_vocab()
+    for ch in alphabet:  # CLIP's BPE ends every word with a `</w>` symbol, also single characters
+        vocab.setdefault(ch + "</w>", len(vocab))
+    ordered = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(ordered)}, ensure_ascii=False))
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    lines = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+
+
+def build_tiny_pipeline(cfg: TinyConfig):
+    """A randomly initialised Stable-Diffusion-architecture img2img pipeline (deterministic from cfg.seed)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        block_out_channels=cfg.vae_channels,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=cfg.resolution,
+    )
+    latent = cfg.resolution // 2 ** (len(cfg.vae_channels) - 1)
+    unet = UNet2DConditionModel(
+        sample_size=latent,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=cfg.unet_channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.text_hidden,
+            intermediate_size=cfg.text_hidden * 2,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return StableDiffusionImg2ImgPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_model_folder(cfg: TinyConfig, cache: Path | None = None) -> Path:
+    """The tiny model as a diffusers folder (built once per config, then reused)."""
+    cache = cache or Path(os.environ.get("STABLESDG_CACHE", ".cache")) / "tiny-sd"
+    folder = cache / cfg.fingerprint()
+    if not (folder / "model_index.json").exists():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        build_tiny_pipeline(cfg).save_pretrained(tmp)
+        if folder.exists():  # another process built it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            tmp.replace(folder)
+    return folder
+
+
+# --------------------------------------------------------------------------------------- loading
+def resolve_base_model(model_cfg: ModelConfig) -> tuple[str, str | None]:
+    """(path or hub id, revision) that `from_pretrained` is given; `tiny` becomes its cached folder."""
+    if model_cfg.base == "tiny":
+        return str(tiny_model_folder(TinyConfig(seed=model_cfg.tiny_seed, resolution=model_cfg.resolution))), None
+    return model_cfg.base, model_cfg.revision
+
+
+def _offline_hint(model_id: str) -> str:
+    name = model_id.rstrip("/").split("/")[-1]
+    return (
+        f"base model {model_id!r} is neither a local folder nor in the Hugging Face cache, and the Hub cannot be "
+        f"reached. On a machine with network run `huggingface-cli download {model_id} --local-dir "
+        f"models/base/{name}`, copy that folder here and set `model.base: models/base/{name}` in params.yaml "
+        "(or set model.base: tiny for the built-in model)."
+    )
+
+
+def load_base_pipeline(model_cfg: ModelConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """StableDiffusionImg2ImgPipeline for `model.base` (tiny, local folder or hub id), safety checker off."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    source, revision = resolve_base_model(model_cfg)
+    local = Path(source)
+    if local.exists() and not (local / "model_index.json").exists():
+        raise BaseModelError(f"{local}: not a diffusers folder (model_index.json missing); see README 'Base model'")
+    try:
+        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+            source, revision=revision, dtype=dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except OSError as err:
+        if local.exists():
+            raise BaseModelError(f"{local}: incomplete diffusers folder: {err}") from err
+        raise BaseModelError(_offline_hint(source)) from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def make_scheduler(name: str, config: dict):
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"generate.scheduler: {name!r} is not allowed; allowed values: {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+
+
+def base_model_record(model_cfg: ModelConfig) -> dict[str, str | None]:
+    """What a manifest records about the base model: the id the user chose and what it resolved to."""
+    source, revision = resolve_base_model(model_cfg)
+    return {"base_model": model_cfg.base, "base_model_path": source, "revision": revision}

@@ -1,0 +1,204 @@
+"""Image-oriented generation: denoise partly-noised real samples with the adapted model (img2img).
+
+`txt2img` (pure noise) is the ablation; strength 1 means the same thing. Every image's seed is derived from
+(seed, class, source image, index), so any single image can be regenerated bit-for-bit on the same hardware,
+and an interrupted run resumes by making only the missing batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .config import Params
+from .utils import derive_seed, pick_device, read_json, sha256_file, write_json
+
+PROMPT = "A photo of {}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    strength: float
+    guidance_scale: float
+    steps: int
+    scheduler: str = "ddim"
+    mode: str = "img2img"
+
+    @property
+    def pure_noise(self) -> bool:
+        return self.mode == "txt2img" or self.strength >= 1.0
+
+
+def load_adapted_pipeline(params: Params, cls: str, adapter_dir: Path, device: str = "cpu"):
+    """Base model + the class's adapter files, through the stock diffusers loaders a user would call."""
+    from .adaptation import EMBEDS_FILE, LORA_FILE
+    from .diffusion import load_base_pipeline
+
+    for name in (EMBEDS_FILE, LORA_FILE):
+        if not (adapter_dir / name).exists():
+            raise click.ClickException(f"{adapter_dir / name} not found: run `dvc repro adapt@{cls}` first")
+    pipe = load_base_pipeline(params.model, device)
+    pipe.load_textual_inversion(str(adapter_dir), weight_name=EMBEDS_FILE)
+    pipe.load_lora_weights(str(adapter_dir), weight_name=LORA_FILE)
+    return pipe
+
+
+def _to_model_input(path: Path, resolution: int) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+
+
+def _to_dataset_format(img: Image.Image, size: int, color_mode: str) -> Image.Image:
+    return img.convert(color_mode).resize((size, size), Image.BICUBIC)
+
+
+@torch.no_grad()
+def generate_batch(pipe, prompt: str, sources: list[Path], settings: Settings, seeds: list[int],
+                   resolution: int, out_size: int, color_mode: str) -> list[Image.Image]:
+    """One batch; each image has its own generator, so an image does not depend on its batch-mates' seeds."""
+    from diffusers import StableDiffusionPipeline
+
+    from .diffusion import make_scheduler
+
+    if not settings.pure_noise and settings.steps * settings.strength < 1:
+        # No denoising step at all: the image-oriented start point is the source itself.
+        return [_to_dataset_format(_to_model_input(p, resolution), out_size, color_mode) for p in sources]
+    pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    common = dict(prompt=[prompt] * len(seeds), num_inference_steps=settings.steps,
+                  guidance_scale=settings.guidance_scale, generator=generators)
+    if settings.pure_noise:
+        txt2img = StableDiffusionPipeline.from_pipe(pipe)
+        txt2img.set_progress_bar_config(disable=True)
+        images = txt2img(height=resolution, width=resolution, **common).images
+    else:
+        inputs = [_to_model_input(p, resolution) for p in sources]
+        images = pipe(image=inputs, strength=settings.strength, **common).images
+    return [_to_dataset_format(img, out_size, color_mode) for img in images]
+
+
+def render(pipe, params: Params, cls: str, sources: list[Path], strength: float, guidance_scale: float,
+           steps: int, seeds: list[int], mode: str | None = None) -> list[Image.Image]:
+    """Images for `sources` with explicit settings (grids, search trials)."""
+    settings = Settings(strength, guidance_scale, steps, params.generate.scheduler, mode or params.generate.mode)
+    prompt = PROMPT.format(params.model.placeholder.format(cls=cls))
+    out: list[Image.Image] = []
+    bs = params.generate.batch_size
+    for i in range(0, len(sources), bs):
+        out += generate_batch(pipe, prompt, sources[i:i + bs], settings, seeds[i:i + bs],
+                              params.model.resolution, params.data.image_size, params.data.color_mode)
+    return out
+
+
+# --------------------------------------------------------------------------------------- the class's set
+def chosen_settings(params: Params, search_file: Path) -> tuple[Settings, str]:
+    """Search result when enabled and present, else params; returns (settings, where they came from)."""
+    g = params.generate
+    if g.use_search and search_file.exists():
+        best = read_json(search_file)["best"]
+        return Settings(float(best["strength"]), float(best["guidance_scale"]), int(best["steps"]), g.scheduler,
+                        g.mode), str(search_file)
+    return Settings(g.strength, g.guidance_scale, g.steps, g.scheduler, g.mode), "params.yaml"
+
+
+def plan(params: Params, cls: str, sources: list[Path], n: int) -> list[dict]:
+    """Which source and seed each output index uses (round-robin over the real training images)."""
+    return [
+        {"file": f"{cls}_{i:05d}.png", "index": i, "source": sources[i % len(sources)].name,
+         "seed": derive_seed(params.seed, cls, sources[i % len(sources)].name, i)}
+        for i in range(n)
+    ]
+
+
+def fingerprint(params: Params, settings: Settings, adapter_hashes: dict, sources: list[Path]) -> str:
+    from .diffusion import base_model_record
+
+    parts = {
+        "seed": params.seed, "settings": asdict(settings), "base": base_model_record(params.model),
+        "adapter": adapter_hashes, "sources": [sha256_file(p) for p in sources],
+        "resolution": params.model.resolution, "size": params.data.image_size, "mode": params.data.color_mode,
+        "placeholder": params.model.placeholder, "batch": params.generate.batch_size,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _kept_records(out_dir: Path, fp: str) -> dict[str, dict]:
+    """Records of a previous run with the same fingerprint whose files are still intact."""
+    manifest = out_dir / "manifest.json"
+    if not manifest.exists() or read_json(manifest).get("fingerprint") != fp:
+        return {}
+    return {r["file"]: r for r in read_json(manifest)["images"]
+            if (out_dir / r["file"]).exists() and sha256_file(out_dir / r["file"]) == r["sha256"]}
+
+
+def generate_class(params: Params, cls: str, processed: Path, adapter_dir: Path, out_dir: Path,
+                   search_file: Path, pipe=None, stop_after_batches: int | None = None) -> dict:
+    """Write `per_class` images + manifest.json into out_dir, keeping intact images of an interrupted run."""
+    from .data import split_paths
+    from .diffusion import base_model_record
+
+    sources = split_paths(processed, cls, "train")
+    settings, origin = chosen_settings(params, search_file)
+    adapter = read_json(adapter_dir / "adapter.json")
+    fp = fingerprint(params, settings, adapter["sha256"], sources)
+    kept = _kept_records(out_dir, fp)
+    if not kept and out_dir.exists():
+        shutil.rmtree(out_dir)  # stale images from other settings must not mix into this set
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stray in (p for p in out_dir.glob("*.png") if p.name not in kept):
+        stray.unlink()
+    items = plan(params, cls, sources, params.generate.per_class)
+    header = {"class": cls, "fingerprint": fp, "settings": asdict(settings), "settings_from": origin,
+              **base_model_record(params.model), "adapter_sha256": adapter["sha256"],
+              "prompt": PROMPT.format(adapter["placeholder"])}
+    by_name = {p.name: p for p in sources}
+    bs = params.generate.batch_size
+    batches = [items[i:i + bs] for i in range(0, len(items), bs)]
+    todo = [b for b in batches if not all(it["file"] in kept for it in b)]
+    if todo and pipe is None:
+        pipe = load_adapted_pipeline(params, cls, adapter_dir, pick_device(params.generate.device))
+    for done, batch in enumerate(tqdm(todo, desc=f"generate {cls}", unit="batch")):
+        if stop_after_batches is not None and done >= stop_after_batches:
+            break
+        images = generate_batch(pipe, header["prompt"], [by_name[it["source"]] for it in batch], settings,
+                                [it["seed"] for it in batch], params.model.resolution, params.data.image_size,
+                                params.data.color_mode)
+        for it, img in zip(batch, images, strict=True):
+            img.save(out_dir / it["file"])
+            kept[it["file"]] = {**it, "sha256": sha256_file(out_dir / it["file"]), **asdict(settings)}
+        _write_manifest(out_dir, header, kept)
+    _write_manifest(out_dir, header, kept)
+    return {**header, "images": len(kept)}
+
+
+def _write_manifest(out_dir: Path, header: dict, records: dict[str, dict]) -> None:
+    write_json(out_dir / "manifest.json", {**header, "images": [records[k] for k in sorted(records)]})
+
+
+@click.command("generate")
+@click.option("--class", "cls", required=True, help="defect class to generate")
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
+@click.option("--adapters", default="models/adapters", show_default=True, type=click.Path(path_type=Path))
+@click.option("--search", "search_dir", default="reports/search", show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", default="data/synthetic", show_default=True, type=click.Path(path_type=Path))
+def generate_command(cls: str, params_path: str, processed: Path, adapters: Path, search_dir: Path,
+                     out: Path) -> None:
+    """Synthetic images for one class from its real training images (img2img) with the adapted model."""
+    from .cli import load_or_exit
+
+    params = load_or_exit(params_path)
+    params.class_config(cls)
+    torch.manual_seed(params.seed)
+    summary = generate_class(params, cls, processed, adapters / cls, out / cls, search_dir / f"{cls}.json")
+    s = summary["settings"]
+    click.echo(f"generate {cls}: {summary['images']} images ({s['mode']}, strength {s['strength']}, "
+               f"guidance {s['guidance_scale']}, steps {s['steps']}, from {summary['settings_from']}) -> {out / cls}")

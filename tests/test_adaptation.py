@@ -1,0 +1,223 @@
+"""Textual inversion + LoRA on the built-in tiny SD model (CPU, offline), and generation from its files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_processed
+from diffusers import StableDiffusionImg2ImgPipeline
+from safetensors.torch import load_file
+
+from stablesdg.adaptation import (
+    AdaptRun,
+    adapt_class,
+    add_placeholder_token,
+    class_data,
+    diffusion_loss,
+    prompt_ids,
+)
+from stablesdg.config import parse_params
+from stablesdg.diffusion import BaseModelError, load_base_pipeline, resolve_base_model
+from stablesdg.generation import generate_class, load_adapted_pipeline, render
+from stablesdg.utils import sha256_file, sha256_tree
+
+CLASSES = ["crazing", "scratches"]
+
+
+def small_params(**overrides) -> object:
+    raw = {
+        "seed": 3,
+        "data": {"image_size": 48},
+        "classes": {"crazing": {"initializer": "crack"}, "scratches": {"initializer": "line"}},
+        "model": {"resolution": 32},
+        "adapt": {"embedding": {"steps": 6, "batch_size": 2, "learning_rate": 0.05},
+                  "lora": {"steps": 6, "batch_size": 2, "rank": 2, "alpha": 2.0}, "checkpoint_every": 2},
+        "generate": {"per_class": 5, "batch_size": 2, "steps": 4, "strength": 0.6, "use_search": False},
+    }
+    for key, value in overrides.items():
+        raw.setdefault(key, {}).update(value)
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    return make_processed(tmp_path_factory.mktemp("data"), CLASSES, per_class=8, size=48)
+
+
+def _base(name: str) -> str:
+    """Parameter name before LoRA injection wrapped the layer."""
+    return name.replace(".base_layer", "")
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_embedding_stage_changes_only_the_placeholder_row(processed, tmp_path):
+    params = small_params()
+    pipe = load_base_pipeline(params.model)
+    data = class_data(params, processed, "crazing")
+    unet_before, vae_before = _snapshot(pipe.unet), _snapshot(pipe.vae)
+    text_before = _snapshot(pipe.text_encoder)
+    AdaptRun(params, data, tmp_path / "out", tmp_path / "ckpt", stages=("embedding",)).run(pipe)
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<crazing>")
+    init_id = pipe.tokenizer.encode("crack", add_special_tokens=False)[0]
+    emb = pipe.text_encoder.get_input_embeddings().weight.detach()
+    old = next(v for k, v in text_before.items() if k.endswith("token_embedding.weight"))
+    assert torch.equal(emb[: old.shape[0]], old), "every pre-existing row must stay bit-identical"
+    assert not torch.equal(emb[token_id], old[init_id]), "the placeholder row must have moved"
+    for name, value in _snapshot(pipe.text_encoder).items():
+        if "token_embedding" not in name and "lora" not in name:
+            assert torch.equal(value, text_before[_base(name)]), name
+    assert all(torch.equal(p, unet_before[_base(n)]) for n, p in _snapshot(pipe.unet).items() if "lora" not in n)
+    assert all(torch.equal(p, vae_before[n]) for n, p in _snapshot(pipe.vae).items())
+
+
+def test_lora_stage_changes_only_lora_parameters(processed, tmp_path):
+    params = small_params(adapt={"embedding": {"steps": 0}})
+    pipe = load_base_pipeline(params.model)
+    base_unet, base_text = _snapshot(pipe.unet), _snapshot(pipe.text_encoder)
+    data = class_data(params, processed, "scratches")
+    AdaptRun(params, data, tmp_path / "out", tmp_path / "ckpt").run(pipe)
+    unet_after, text_after = _snapshot(pipe.unet), _snapshot(pipe.text_encoder)
+    lora_unet = [n for n in unet_after if "lora_" in n]
+    lora_text = [n for n in text_after if "lora_" in n]
+    assert any(".to_q.lora_A" in n for n in lora_unet) and any("to_out.0.lora_B" in n for n in lora_unet)
+    assert any("q_proj.lora_A" in n for n in lora_text) and any("out_proj.lora_B" in n for n in lora_text)
+    for name in lora_unet + lora_text:  # B starts at zero: a trained adapter has non-zero B
+        if "lora_B" in name:
+            assert (unet_after.get(name, text_after.get(name))).abs().sum() > 0, name
+    for name, value in unet_after.items():
+        if "lora_" not in name:
+            assert torch.equal(value, base_unet[_base(name)]), name
+    for name, value in text_after.items():
+        if "lora_" not in name and "token_embedding" not in name:
+            assert torch.equal(value, base_text[_base(name)]), name
+
+
+def test_loss_falls_on_a_fixed_batch(processed, tmp_path):
+    params = small_params(adapt={"embedding": {"steps": 0},
+                                 "lora": {"steps": 40, "batch_size": 3, "rank": 4, "alpha": 4.0,
+                                          "unet_learning_rate": 0.01, "text_learning_rate": 0.001}})
+    data = class_data(params, processed, "crazing")
+
+    def fixed_loss(pipe) -> float:
+        gen = torch.Generator().manual_seed(1234)
+        ids = prompt_ids(pipe, data, ["A photo of {}"], len(data.pixels), gen)
+        with torch.no_grad():
+            return float(diffusion_loss(pipe, data.pixels, ids, gen))
+
+    untrained = load_base_pipeline(params.model)
+    add_placeholder_token(untrained, data.placeholder, data.initializer)
+    before = fixed_loss(untrained)
+    pipe = load_base_pipeline(params.model)
+    run = AdaptRun(params, data, tmp_path / "out", tmp_path / "ckpt")
+    run.run(pipe)
+    after = fixed_loss(pipe)
+    losses = [loss for _, stage, loss in run.losses if stage == "lora"]
+    assert after < before * 0.95, (before, after)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+@pytest.fixture(scope="module")
+def adapted(processed, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapted")
+    params = small_params()
+    pipe, record = adapt_class(params, "crazing", processed, root / "adapters", root / "reports",
+                               checkpoint_root=root / "ckpt", track=False)
+    return params, pipe, record, root
+
+
+def test_adapter_files_load_with_stock_diffusers_and_reproduce_outputs(adapted, processed):
+    params, trained_pipe, record, root = adapted
+    folder = root / "adapters" / "crazing"
+    assert record["sha256"]["pytorch_lora_weights.safetensors"] == sha256_file(folder / "pytorch_lora_weights.safetensors")
+    base_path, _ = resolve_base_model(params.model)
+    stock = StableDiffusionImg2ImgPipeline.from_pretrained(base_path, safety_checker=None, feature_extractor=None,
+                                                           requires_safety_checker=False)
+    stock.load_textual_inversion(str(folder), weight_name="learned_embeds.safetensors")
+    stock.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")
+    assert any("lora" in n for n, _ in stock.text_encoder.named_modules()), "text-encoder LoRA not loaded"
+    sources = sorted((processed / "images" / "crazing").glob("*.png"))[:2]
+    kwargs = dict(strength=0.7, guidance_scale=4.0, steps=5, seeds=[11, 12])
+    ours = render(trained_pipe, params, "crazing", sources, **kwargs)
+    theirs = render(stock, params, "crazing", sources, **kwargs)
+    diff = max(np.abs(np.asarray(a, float) - np.asarray(b, float)).max() for a, b in zip(ours, theirs, strict=True))
+    assert diff <= 1.0, f"stock-loaded adapter differs from the trained model by {diff} grey levels"
+    base = render(load_base_pipeline(params.model), params, "crazing", sources, **kwargs)
+    moved = max(np.abs(np.asarray(a, float) - np.asarray(b, float)).max() for a, b in zip(ours, base, strict=True))
+    assert moved > 1.0, "the adapter must change what the model makes"
+
+
+def test_strength_near_zero_returns_source_and_one_ignores_it(adapted, processed):
+    params, pipe, _, _ = adapted
+    sources = sorted((processed / "images" / "crazing").glob("*.png"))[:2]
+    same = render(pipe, params, "crazing", sources, strength=0.01, guidance_scale=4.0, steps=10, seeds=[5, 5])
+    for img, src in zip(same, sources, strict=True):
+        expected = np.asarray(__import__("PIL.Image").Image.open(src).convert("RGB").resize((32, 32))
+                              .convert("L").resize((48, 48)))
+        assert np.abs(np.asarray(img, float) - expected).max() <= 2
+    pure = render(pipe, params, "crazing", sources, strength=1.0, guidance_scale=4.0, steps=4, seeds=[5, 5])
+    assert np.array_equal(np.asarray(pure[0]), np.asarray(pure[1])), "strength 1 must not depend on the source"
+    partial = render(pipe, params, "crazing", sources, strength=0.5, guidance_scale=4.0, steps=4, seeds=[5, 5])
+    assert not np.array_equal(np.asarray(partial[0]), np.asarray(partial[1]))
+
+
+def test_generation_same_seed_same_bytes_and_resume_equals_straight(adapted, processed, tmp_path):
+    params, _, _, root = adapted
+    adapter = root / "adapters" / "crazing"
+    straight = generate_class(params, "crazing", processed, adapter, tmp_path / "a", tmp_path / "none.json")
+    again = generate_class(params, "crazing", processed, adapter, tmp_path / "b", tmp_path / "none.json")
+    assert straight["images"] == 5
+    assert sha256_tree(tmp_path / "a") == sha256_tree(tmp_path / "b")
+    partial = generate_class(params, "crazing", processed, adapter, tmp_path / "c", tmp_path / "none.json",
+                             stop_after_batches=1)
+    assert partial["images"] == 2
+    (tmp_path / "c" / "crazing_00001.png").write_bytes(b"corrupted by a crash")
+    resumed = generate_class(params, "crazing", processed, adapter, tmp_path / "c", tmp_path / "none.json")
+    assert resumed["images"] == 5
+    assert sha256_tree(tmp_path / "c") == sha256_tree(tmp_path / "a")
+    assert again["fingerprint"] == straight["fingerprint"]
+
+
+def test_adaptation_resumed_after_interruption_equals_straight_run(processed, tmp_path):
+    params = small_params()
+    _, straight = adapt_class(params, "scratches", processed, tmp_path / "a", tmp_path / "r",
+                              checkpoint_root=tmp_path / "ck_a", track=False)
+    for stop in (3, 5):  # once inside stage 1, once inside stage 2
+        ckpt = tmp_path / f"ck_{stop}"
+        _, partial = adapt_class(params, "scratches", processed, tmp_path / f"b{stop}", tmp_path / "r",
+                                 checkpoint_root=ckpt, track=False, max_steps_this_run=stop + 6 * (stop == 5))
+        assert partial is None
+        _, resumed = adapt_class(params, "scratches", processed, tmp_path / f"b{stop}", tmp_path / "r",
+                                 checkpoint_root=ckpt, track=False)
+        assert resumed is not None
+        # Equal up to float summation order: oneDNN picks CPU kernels by buffer alignment, so even two
+        # straight runs in one process can differ in the last bits.
+        for name in ("learned_embeds.safetensors", "pytorch_lora_weights.safetensors"):
+            a, b = load_file(tmp_path / "a" / "scratches" / name), load_file(tmp_path / f"b{stop}" / "scratches" / name)
+            assert a.keys() == b.keys()
+            worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+            assert worst < 1e-5, f"resume after {stop} steps differs by {worst} in {name}"
+
+
+def test_offline_hub_id_names_what_to_download():
+    params = small_params(model={"base": "someone/no-such-model-xyz"})
+    with pytest.raises(BaseModelError, match=r"huggingface-cli download someone/no-such-model-xyz"):
+        load_base_pipeline(params.model)
+
+
+def test_initializer_must_be_one_token(processed, tmp_path):
+    import click
+
+    params = small_params(classes={"crazing": {"initializer": "zqxjkv"}})
+    with pytest.raises(click.ClickException, match="initializer"):
+        adapt_class(params, "crazing", processed, tmp_path, tmp_path, checkpoint_root=tmp_path, track=False)
+
+
+def test_adapted_pipeline_loader_refuses_missing_files(tmp_path):
+    import click
+
+    with pytest.raises(click.ClickException, match="learned_embeds.safetensors not found"):
+        load_adapted_pipeline(small_params(), "crazing", tmp_path)
