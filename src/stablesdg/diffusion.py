@@ -26,7 +26,8 @@ SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
 }
 # Words the tiny tokenizer knows as whole tokens: prompt templates, initializer words, steel vocabulary.
-TINY_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "or", "photo", "close-up", "closeup", "grayscale", "greyscale", "picture", "image", "texture", "surface", "steel", "metal", "plate", "strip", "rolled", "hot", "cold", "defect", "defects", "crack", "cracks", "crazing", "spot", "spots", "inclusion", "patch", "patches", "stain", "blotch", "pit", "pits", "pitted", "dots", "dot", "scale", "flake", "flakes", "rolled-in", "scratch", "scratches", "line", "lines", "mark", "stripe", "stripes", "grain", "noise", "rough", "smooth", "dark", "bright", "gray", "grey", "light", "shadow", "fine", "coarse", "small", "large", "long", "thin", "industrial", "microscope", "macro", "view", "top", "detail", "pattern", "network", "cluster", "speck", "specks", "blob", "blobs", "streak", "streaks"]
+TINY_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "or", "photo", "close-up", "closeup", "grayscale", "greyscale", "picture", "image", "texture", "surface", "steel", "metal", "plate", "strip", "rolled", "hot", "cold", "defect", "defects", "crack", "cracks", "crazing", "spot", "spots", "inclusion", "patch", "patches", "stain", "blotch", "pit", "pits", "pitted", "dots", "dot", "scale", "flake", "flakes", "rolled-in", "scratch", "scratches", "line", "lines", "mark", "stripe", "stripes", "grain", "noise", "rough", "smooth", "dark", "bright", "gray", "grey", "light", "shadow", "fine", "coarse", "small", "large", "long", "thin", "industrial", "microscope", "macro", "view", "top", "detail", "pattern", "network", "cluster", "speck", "specks", "blob", "blobs", "streak", "streaks",
+              "ring", "rings", "grid", "shading", "gradient"]
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,8 @@ class TinyConfig:
 
     seed: int = 0
     resolution: int = 64
-    unet_channels: tuple[int, int] = (32, 64)
-    vae_channels: tuple[int, int] = (32, 64)
+    unet_channels: tuple[int, ...] = (32, 64)
+    vae_channels: tuple[int, ...] = (32, 64)
     text_hidden: int = 32
     text_layers: int = 2
 
@@ -106,8 +107,9 @@ def build_tiny_pipeline(cfg: TinyConfig):
         out_channels=4,
         layers_per_block=1,
         block_out_channels=cfg.unet_channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        # Attention at the coarser levels only, as SD does at its finest level's cost.
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(cfg.unet_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - 1) + ("UpBlock2D",),
         cross_attention_dim=cfg.text_hidden,
         attention_head_dim=8,
         norm_num_groups=16,
@@ -151,7 +153,19 @@ def tiny_model_folder(cfg: TinyConfig, cache: Path | None = None) -> Path:
 
 # --------------------------------------------------------------------------------------- loading
 def resolve_base_model(model_cfg: ModelConfig) -> tuple[str, str | None]:
-    """(path or hub id, revision) that `from_pretrained` is given; `tiny` becomes its cached folder."""
+    """(path or hub id, revision) that `from_pretrained` is given.
+
+    `embedded` is the pretrained prior shipped in the package; `tiny` a randomly initialised model (tests).
+    """
+    if model_cfg.base == "embedded":
+        from .prior import EMBEDDED_PRIOR
+
+        if not (EMBEDDED_PRIOR / "model_index.json").exists():
+            raise BaseModelError(
+                f"the embedded prior is missing from {EMBEDDED_PRIOR}; reinstall the package or rebuild it with "
+                "`stablesdg prior pretrain`"
+            )
+        return str(EMBEDDED_PRIOR), None
     if model_cfg.base == "tiny":
         return str(tiny_model_folder(TinyConfig(seed=model_cfg.tiny_seed, resolution=model_cfg.resolution))), None
     return model_cfg.base, model_cfg.revision

@@ -1,0 +1,212 @@
+"""The onnxruntime classifier: sha256 pinning, contract checks, batched classification, per-file errors."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from .contract import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ModelContractError,
+    PreprocessSpec,
+    descriptive_metadata,
+    parse_preprocess_spec,
+)
+from .images import DEFAULT_MAX_PIXELS, ImageRejected, ImageSource, load_image, preprocess, stack_batch
+
+
+class ModelIntegrityError(RuntimeError):
+    """The model file's sha256 differs from the pinned one: refuse to run an unexpected or tampered model."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    expected_sha256: str | None = None
+    threads: int = 1  # intra-op threads; 1 keeps a line PC responsive, raise it on a dedicated box
+    warmup_runs: int = 1
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One file's result. label/confidence are None and error is set when the file could not be classified.
+
+    latency_ms = this file's decode + preprocess time + its equal share of the batch's inference time.
+    """
+
+    file: str
+    label: str | None
+    confidence: float | None
+    scores: dict[str, float]
+    latency_ms: float
+    model_version: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_row(self) -> dict:
+        return {"file": self.file, "class": self.label, "confidence": self.confidence,
+                "scores": self.scores, "latency_ms": round(self.latency_ms, 3),
+                "model_version": self.model_version, "error": self.error}
+
+
+@dataclass
+class _Pending:
+    """A decoded + preprocessed item waiting for its batch's inference."""
+
+    name: str
+    tensor: np.ndarray | None
+    prep_ms: float
+    error: str | None = None
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _verify_sha256(model_bytes: bytes, expected: str | None, path: Path) -> str:
+    actual = sha256_hex(model_bytes)
+    if expected is None:
+        return actual
+    expected = expected.strip().lower()
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise ModelIntegrityError(f"expected sha256 must be 64 hex characters, got {expected!r}")
+    if not hmac.compare_digest(actual, expected):
+        raise ModelIntegrityError(f"refusing model {path}: sha256 is {actual}, expected {expected} "
+                                  "(file changed, corrupted or not the released model)")
+    return actual
+
+
+def _check_io(session: ort.InferenceSession, spec: PreprocessSpec) -> None:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    input_names, output_names = [i.name for i in inputs], [o.name for o in outputs]
+    if input_names != [INPUT_NAME] or OUTPUT_NAME not in output_names:
+        raise ModelContractError(f"model must have one input '{INPUT_NAME}' and an output '{OUTPUT_NAME}',"
+                                 f" got inputs {input_names} outputs {output_names}")
+    declared = inputs[0].shape[1:]
+    for dim, want, what in zip(declared, spec.input_shape, ("channels", "height", "width"), strict=False):
+        if isinstance(dim, int) and dim != want:
+            raise ModelContractError(f"model input {what} is {dim} but metadata implies {want} "
+                                     f"(input shape {inputs[0].shape}, metadata {spec.input_shape})")
+    out_classes = next(o for o in outputs if o.name == OUTPUT_NAME).shape[-1]
+    if isinstance(out_classes, int) and out_classes != len(spec.class_names):
+        raise ModelContractError(f"model has {out_classes} logits but metadata lists "
+                                 f"{len(spec.class_names)} classes")
+
+
+class Classifier:
+    """Loads a contract-following .onnx once; thread-safe for concurrent classify calls (onnxruntime is)."""
+
+    def __init__(self, model_path: str | Path, options: RuntimeOptions | None = None):
+        self.options = options or RuntimeOptions()
+        self.model_path = Path(model_path)
+        model_bytes = self.model_path.read_bytes()
+        # Hash and load the very same bytes, so the file cannot be swapped between check and load.
+        self.sha256 = _verify_sha256(model_bytes, self.options.expected_sha256, self.model_path)
+        self.session = self._open_session(model_bytes)
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.spec = parse_preprocess_spec(self.metadata)
+        _check_io(self.session, self.spec)
+        self.model_version = descriptive_metadata(self.metadata)["model_version"]
+        self._warm_up()
+
+    def _open_session(self, model_bytes: bytes) -> ort.InferenceSession:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, self.options.threads)
+        opts.inter_op_num_threads = 1
+        try:
+            return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own types for unparsable/unsupported graphs
+            raise ModelContractError(f"onnxruntime cannot load {self.model_path}: {err}") from err
+
+    def _warm_up(self) -> None:
+        dummy = np.zeros((1, *self.spec.input_shape), dtype=np.float32)
+        for _ in range(self.options.warmup_runs):
+            self.run_batch(dummy)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.spec.class_names
+
+    def describe(self) -> dict:
+        """Everything an operator needs to identify the loaded model."""
+        return {"path": str(self.model_path), "sha256": self.sha256, "model_version": self.model_version,
+                "class_names": list(self.class_names), **descriptive_metadata(self.metadata),
+                "metadata": self.metadata}
+
+    def run_batch(self, x: np.ndarray) -> np.ndarray:
+        """Raw logits [N, num_classes] for a preprocessed float32 [N, C, H, W] batch."""
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+    def classify(self, inputs: Sequence[Image.Image | ImageSource],
+                 names: Sequence[str] | None = None) -> list[Prediction]:
+        """Classify PIL images, paths, bytes or streams as one batch; bad inputs become per-file errors."""
+        names = names or [_default_name(item, i) for i, item in enumerate(inputs)]
+        return self._infer([self._prepare(item, name) for item, name in zip(inputs, names, strict=True)])
+
+    def classify_files(self, paths: Iterable[str | Path], batch_size: int = 16) -> Iterator[Prediction]:
+        """Stream predictions for many files, batch_size files per inference call."""
+        batch: list[str | Path] = []
+        for path in paths:
+            batch.append(path)
+            if len(batch) >= batch_size:
+                yield from self.classify(batch)
+                batch = []
+        if batch:
+            yield from self.classify(batch)
+
+    def _prepare(self, item: Image.Image | ImageSource, name: str) -> _Pending:
+        start = time.perf_counter()
+        try:
+            image = item if isinstance(item, Image.Image) else load_image(item, self.options.max_pixels)
+            tensor = preprocess(image, self.spec)
+        except ImageRejected as err:
+            return _Pending(name, None, _ms_since(start), error=str(err))
+        except Exception as err:  # e.g. a mode PIL cannot convert: still only this file's problem
+            reason = f"cannot preprocess: {type(err).__name__}: {err}"
+            return _Pending(name, None, _ms_since(start), error=reason)
+        return _Pending(name, tensor, _ms_since(start))
+
+    def _infer(self, items: list[_Pending]) -> list[Prediction]:
+        valid = [item for item in items if item.tensor is not None]
+        probs: dict[int, np.ndarray] = {}
+        share_ms = 0.0
+        if valid:
+            start = time.perf_counter()
+            batch_probs = softmax(self.run_batch(stack_batch([item.tensor for item in valid])))
+            share_ms = _ms_since(start) / len(valid)
+            probs = {id(item): p for item, p in zip(valid, batch_probs, strict=True)}
+        return [self._prediction(item, probs.get(id(item)), share_ms) for item in items]
+
+    def _prediction(self, item: _Pending, probs: np.ndarray | None, share_ms: float) -> Prediction:
+        if probs is None:
+            return Prediction(item.name, None, None, {}, item.prep_ms, self.model_version, item.error)
+        best = int(np.argmax(probs))
+        scores = {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
+        return Prediction(item.name, self.class_names[best], float(probs[best]), scores,
+                          item.prep_ms + share_ms, self.model_version)
+
+
+def _default_name(item: Image.Image | ImageSource, index: int) -> str:
+    return str(item) if isinstance(item, (str, Path)) else f"item-{index}"
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0

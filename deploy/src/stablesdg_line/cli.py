@@ -1,0 +1,175 @@
+"""`stablesdg-line` command line: classify, watch, serve, info (stdlib argparse: no extra dependency)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from . import __version__
+from .classifier import Classifier, ModelIntegrityError, Prediction, RuntimeOptions
+from .contract import ModelContractError
+from .images import DEFAULT_MAX_PIXELS
+from .watch import IMAGE_EXTENSIONS, DropFolderWatcher, WatchConfig, WatchError
+
+TOKEN_ENV = "STABLESDG_LINE_TOKEN"
+CSV_COLUMNS = ("file", "class", "confidence", "scores", "latency_ms", "model_version", "error")
+EXIT_MODEL_REFUSED = 2  # also argparse's usage-error code: "the invocation cannot work as given"
+EXIT_SOME_FILES_FAILED = 3
+
+log = logging.getLogger("stablesdg_line")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="exported .onnx classifier")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    parser.add_argument("--expected-sha256", metavar="HEX", help="refuse the model unless its sha256 matches")
+    parser.add_argument("--warmup-runs", type=int, default=1, help="dummy inferences at load (default 1)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"reject images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stablesdg-line", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    classify = commands.add_parser("classify", help="classify image files or folders")
+    _add_model_options(classify)
+    classify.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or directories")
+    classify.add_argument("--recursive", action="store_true", help="descend into sub-directories")
+    classify.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    classify.add_argument("--output", type=Path, help="write here instead of stdout")
+    classify.add_argument("--batch-size", type=int, default=16)
+
+    watch = commands.add_parser("watch", help="classify each new file dropped into a folder, exactly once")
+    _add_model_options(watch)
+    watch.add_argument("drop_dir", type=Path)
+    watch.add_argument("--results", type=Path, required=True, help="JSONL results; also the restart state")
+    watch.add_argument("--rejected-dir", type=Path, help="where bad files go (default DROP_DIR/rejected)")
+    watch.add_argument("--poll-interval", type=float, default=2.0, help="seconds between scans (default 2)")
+    watch.add_argument("--settle-seconds", type=float, default=1.0,
+                       help="a file must be unmodified this long before it is read (default 1)")
+    watch.add_argument("--batch-size", type=int, default=16)
+    watch.add_argument("--once", action="store_true", help="process what is there now, then exit")
+
+    serve = commands.add_parser("serve", help="HTTP classification service")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", help=f"require 'Authorization: Bearer TOKEN' (default: env {TOKEN_ENV})")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20)")
+    serve.add_argument("--max-files", type=int, default=32, help="most files per request (default 32)")
+
+    info = commands.add_parser("info", help="print the model's metadata and sha256 as JSON")
+    _add_model_options(info)
+    return parser
+
+
+def _load_classifier(args: argparse.Namespace) -> Classifier:
+    options = RuntimeOptions(expected_sha256=args.expected_sha256, threads=args.threads,
+                             warmup_runs=args.warmup_runs, max_pixels=args.max_pixels)
+    return Classifier(args.model, options)
+
+
+def expand_paths(paths: Iterable[Path], recursive: bool) -> Iterator[Path]:
+    """Files as given; directories expand to their image files (sorted, so output order is stable)."""
+    for path in paths:
+        if not path.is_dir():
+            yield path  # a missing/bad path still yields a row with its error
+            continue
+        children = path.rglob("*") if recursive else path.iterdir()
+        yield from sorted(p for p in children if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+@contextmanager
+def _open_output(output: Path | None) -> Iterator[IO[str]]:
+    if output is None:
+        yield sys.stdout
+        return
+    with output.open("w", encoding="utf-8", newline="") as handle:
+        yield handle
+
+
+def write_predictions(predictions: Iterable[Prediction], handle: IO[str], fmt: str) -> int:
+    """Write rows as they come; returns how many files failed."""
+    writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS) if fmt == "csv" else None
+    if writer:
+        writer.writeheader()
+    failed = 0
+    for prediction in predictions:
+        row = prediction.to_row()
+        failed += not prediction.ok
+        if writer:
+            writer.writerow({**row, "scores": json.dumps(row["scores"])})
+        else:
+            handle.write(json.dumps(row) + "\n")
+    return failed
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    classifier = _load_classifier(args)
+    paths = expand_paths(args.paths, args.recursive)
+    predictions = classifier.classify_files(paths, batch_size=args.batch_size)
+    with _open_output(args.output) as handle:
+        failed = write_predictions(predictions, handle, args.format)
+    return EXIT_SOME_FILES_FAILED if failed else 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    config = WatchConfig(drop_dir=args.drop_dir, results=args.results,
+                         rejected_dir=args.rejected_dir or args.drop_dir / "rejected",
+                         poll_interval=args.poll_interval, settle_seconds=args.settle_seconds,
+                         batch_size=args.batch_size)
+    with DropFolderWatcher(_load_classifier(args), config) as watcher:
+        if args.once:
+            log.info("%s", watcher.run_once())
+        else:
+            watcher.run_forever()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .server import ServeConfig, create_app
+    except ImportError as err:
+        raise SystemExit(f"serve needs the HTTP extra: pip install 'stablesdg-line[serve]' ({err})") from err
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without a token: anyone on the network can use the model", args.host)
+    config = ServeConfig(token=token, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                         max_files=args.max_files)
+    app = create_app(_load_classifier(args), config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(json.dumps(_load_classifier(args).describe(), indent=2))
+    return 0
+
+
+COMMANDS = {"classify": cmd_classify, "watch": cmd_watch, "serve": cmd_serve, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ModelIntegrityError, ModelContractError, WatchError, OSError) as err:
+        print(f"stablesdg-line: error: {err}", file=sys.stderr)
+        return EXIT_MODEL_REFUSED
+    except KeyboardInterrupt:
+        return 130

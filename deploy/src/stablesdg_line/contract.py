@@ -1,0 +1,111 @@
+"""The ONNX model contract: all preprocessing is read from the model's metadata_props, nothing is assumed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+PREPROCESSING_KEYS = ("class_names", "input_size", "channel_mode", "input_channels", "mean", "std", "resize")
+# Traceability keys: shown and reported, but a model without them still runs (reported as "unknown").
+DESCRIPTIVE_KEYS = ("model_name", "model_version", "data_hash", "weights_sha256", "stablesdg_version",
+                    "quantized", "opset")
+SUPPORTED_RESIZE = ("bilinear",)
+
+
+class ModelContractError(ValueError):
+    """The model file does not follow the StableSDG ONNX contract (missing or invalid metadata, wrong I/O)."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How to turn an image into one row of the model input, exactly as the exporter trained/exported it."""
+
+    class_names: tuple[str, ...]
+    height: int
+    width: int
+    channel_mode: str  # PIL mode the image is converted to first: "L" or "RGB"
+    input_channels: int
+    mean: np.ndarray = field(repr=False)  # shape [input_channels], float32
+    std: np.ndarray = field(repr=False)
+    resize: str = "bilinear"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.input_channels, self.height, self.width
+
+
+def _required(metadata: dict[str, str], key: str) -> str:
+    if key not in metadata:
+        raise ModelContractError(f"model metadata is missing the required key '{key}' "
+                                 f"(needed for preprocessing; present keys: {sorted(metadata)})")
+    return metadata[key]
+
+
+def _json(metadata: dict[str, str], key: str):
+    raw = _required(metadata, key)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ModelContractError(f"model metadata '{key}' is not valid JSON: {raw!r}") from err
+
+
+def _float_vector(metadata: dict[str, str], key: str, length: int) -> np.ndarray:
+    values = _json(metadata, key)
+    if not isinstance(values, list) or len(values) != length:
+        raise ModelContractError(f"model metadata '{key}' must be a JSON list of {length} numbers, "
+                                 f"got {values!r}")
+    return np.asarray(values, dtype=np.float32)
+
+
+def _class_names(metadata: dict[str, str]) -> tuple[str, ...]:
+    names = _json(metadata, "class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ModelContractError("model metadata 'class_names' must be a non-empty JSON list of strings, "
+                                 f"got {names!r}")
+    return tuple(names)
+
+
+def _input_size(metadata: dict[str, str]) -> tuple[int, int]:
+    size = _json(metadata, "input_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise ModelContractError(f"model metadata 'input_size' must be JSON [H, W] of positive ints, "
+                                 f"got {size!r}")
+    return size[0], size[1]
+
+
+def _channels(metadata: dict[str, str]) -> tuple[str, int]:
+    mode = _required(metadata, "channel_mode")
+    channels = _required(metadata, "input_channels")
+    if mode not in ("L", "RGB"):
+        raise ModelContractError(f"model metadata 'channel_mode' must be 'L' or 'RGB', got {mode!r}")
+    if channels not in ("1", "3"):
+        raise ModelContractError(f"model metadata 'input_channels' must be '1' or '3', got {channels!r}")
+    if mode == "RGB" and channels == "1":
+        raise ModelContractError("model metadata: channel_mode 'RGB' with input_channels 1 is undefined")
+    return mode, int(channels)
+
+
+def parse_preprocess_spec(metadata: dict[str, str]) -> PreprocessSpec:
+    """Build the spec from ONNX custom metadata; raises ModelContractError naming the missing/invalid key."""
+    for key in PREPROCESSING_KEYS:
+        _required(metadata, key)
+    mode, channels = _channels(metadata)
+    height, width = _input_size(metadata)
+    std = _float_vector(metadata, "std", channels)
+    if np.any(std == 0):
+        raise ModelContractError(f"model metadata 'std' contains a zero: {std.tolist()}")
+    resize = metadata["resize"]
+    if resize not in SUPPORTED_RESIZE:
+        raise ModelContractError(f"model metadata 'resize' is {resize!r}; supported: {SUPPORTED_RESIZE}")
+    return PreprocessSpec(class_names=_class_names(metadata), height=height, width=width, channel_mode=mode,
+                          input_channels=channels, mean=_float_vector(metadata, "mean", channels), std=std,
+                          resize=resize)
+
+
+def descriptive_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The traceability fields, "unknown" where the exporter did not write them."""
+    return {key: metadata.get(key, "unknown") for key in DESCRIPTIVE_KEYS}
