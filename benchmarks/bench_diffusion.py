@@ -1,0 +1,123 @@
+"""Adaptation steps/s and generated images/s: the tiny/embedded model on CPU, an SD-1.5-sized one on a GPU.
+
+    python benchmarks/bench_diffusion.py                 # model.base from params.yaml (embedded/tiny), CPU
+    python benchmarks/bench_diffusion.py --sd15-size     # randomly initialised SD-1.5-sized model (GPU)
+
+Writes benchmarks/results/diffusion[_sd15].json and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
+            platform.machine(), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def sd15_folder(tmp: Path) -> Path:
+    """SD 1.5's shapes (U-Net 320-1280, VAE 128-512, CLIP-L text encoder), random weights, tiny tokenizer."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from stablesdg.diffusion import write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp / "tok")
+    tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                          sample_size=512),
+        text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                                  num_hidden_layers=12, num_attention_heads=12)),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(sample_size=64, cross_attention_dim=768),  # SD 1.5 defaults
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp / "sd15")
+    return tmp / "sd15"
+
+
+def run(params, processed: Path, tmp: Path, steps: int, n_images: int) -> dict:
+    from stablesdg.adaptation import adapt_class
+    from stablesdg.generation import render
+    from stablesdg.utils import pick_device
+
+    cls = params.class_names[0]
+    params.adapt.embedding.steps = params.adapt.lora.steps = steps
+    params.adapt.checkpoint_every = 10**6
+    times = {}
+    t0 = time.perf_counter()
+    pipe, _ = adapt_class(params, cls, processed, tmp / "adapters", tmp / "reports",
+                          checkpoint_root=tmp / "ckpt", track=False, stages=("embedding",))
+    times["embedding_steps_per_s"] = steps / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    pipe, _ = adapt_class(params, cls, processed, tmp / "adapters2", tmp / "reports",
+                          checkpoint_root=tmp / "ckpt2", track=False)
+    times["embedding_plus_lora_s"] = time.perf_counter() - t0
+    times["lora_steps_per_s"] = steps / max(1e-9, times["embedding_plus_lora_s"] - steps / times["embedding_steps_per_s"])
+    from stablesdg.data import split_paths
+
+    sources = (split_paths(processed, cls, "train") * n_images)[:n_images]
+    g = params.generate
+    if pick_device(g.device) == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    render(pipe, params, cls, sources, g.strength, g.guidance_scale, g.steps, seeds=list(range(n_images)))
+    if pick_device(g.device) == "cuda":
+        torch.cuda.synchronize()
+    times["generated_images_per_s"] = n_images / (time.perf_counter() - t0)
+    return times
+
+
+@click.command()
+@click.option("--params", "params_path", default=str(ROOT / "params.yaml"), show_default=True)
+@click.option("--sd15-size", is_flag=True, help="randomly initialised SD-1.5-sized model (meant for a GPU)")
+@click.option("--steps", default=20, show_default=True)
+@click.option("--images", "n_images", default=16, show_default=True)
+@click.option("--out", default=str(ROOT / "benchmarks" / "results"), show_default=True)
+def main(params_path: str, sd15_size: bool, steps: int, n_images: int, out: str) -> None:
+    from conftest import make_processed
+
+    from stablesdg.config import load_params
+
+    params = load_params(params_path)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        size = 512 if sd15_size else params.data.image_size
+        processed = make_processed(tmp / "data", params.class_names[:2], per_class=8, size=size)
+        if sd15_size:
+            params.model.base, params.model.resolution = str(sd15_folder(tmp)), 512
+            params.data.image_size = 512
+        result = {"model": params.model.base, "resolution": params.model.resolution,
+                  "batch_size": params.adapt.lora.batch_size, "generate_steps": params.generate.steps,
+                  "strength": params.generate.strength, "machine": machine(),
+                  **run(params, processed, tmp, steps, n_images)}
+    path = Path(out) / ("diffusion_sd15.json" if sd15_size else "diffusion.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(f"{'metric':<28}{'value':>12}")
+    for key in ("embedding_steps_per_s", "lora_steps_per_s", "generated_images_per_s"):
+        click.echo(f"{key:<28}{result[key]:>12.3f}")
+    click.echo(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
