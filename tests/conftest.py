@@ -53,6 +53,18 @@ def make_project(dest: Path, params_yaml: str | None = None) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread: results do not depend on the core count, and two threads on a 2-core machine that
+    is busy elsewhere (pytest plus a CLI subprocess) spin instead of working, 10-100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _shared_model_cache(tmp_path_factory):
     """Built-in tiny models are built once per test session, not once per test."""
     os.environ.setdefault("STABLESDG_CACHE", str(tmp_path_factory.mktemp("stablesdg-cache")))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +128,52 @@ def freeze_all(pipe) -> None:
         module.requires_grad_(False)
 
 
+def autocast_dtype(params: Params, device: str) -> torch.dtype | None:
+    """Mixed precision on CUDA only (bf16 where supported under `auto`); CPU trains in fp32."""
+    choice = params.adapt.mixed_precision
+    if not device.startswith("cuda") or choice == "no":
+        return None
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[choice]
+
+
+def enable_cuda_speedups(pipe, params: Params, device: str) -> None:
+    """SDPA attention (diffusers' default processor on torch 2) and gradient checkpointing on CUDA."""
+    if not device.startswith("cuda"):
+        return
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    if params.adapt.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        pipe.text_encoder.gradient_checkpointing_enable()
+
+
+def training_steps(pipe, data: ClassData, params: Params, stage: str, batch_size: int, state: TrainState,
+                   optimizer: torch.optim.Optimizer, until: int,
+                   after_step: Callable[[], None] | None = None) -> Iterator[float]:
+    """The shared diffusion-loss loop; each step's randomness comes from (seed, class, stage, step) alone."""
+    device = str(pipe.unet.device)
+    dtype = autocast_dtype(params, device)
+    # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    while state.step < until:
+        gen = torch.Generator().manual_seed(derive_seed(params.seed, data.name, stage, state.step))
+        pixels = sample_batch(data, params, batch_size, gen)
+        ids = prompt_ids(pipe, data, params.adapt.prompt_templates, batch_size, gen)
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            loss = diffusion_loss(pipe, pixels, ids, gen)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if after_step is not None:
+            after_step()
+        state.step += 1
+        yield loss.item()
+
+
 def embedding_steps(pipe, data: ClassData, params: Params, token_id: int, state: TrainState,
                     optimizer: torch.optim.Optimizer, until: int) -> Iterator[float]:
     """Train only the placeholder row; every other row is put back after each step."""
@@ -135,19 +181,13 @@ def embedding_steps(pipe, data: ClassData, params: Params, token_id: int, state:
     original = emb.weight.detach().clone()
     keep = torch.ones(len(original), dtype=torch.bool)
     keep[token_id] = False
-    cfg = params.adapt.embedding
-    while state.step < until:
-        gen = torch.Generator().manual_seed(derive_seed(params.seed, data.name, "embedding", state.step))
-        pixels = sample_batch(data, params, cfg.batch_size, gen)
-        loss = diffusion_loss(pipe, pixels, prompt_ids(pipe, data, params.adapt.prompt_templates,
-                                                      cfg.batch_size, gen), gen)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            emb.weight[keep] = original[keep]
-        state.step += 1
-        yield loss.item()
+
+    @torch.no_grad()
+    def restore_other_rows() -> None:
+        emb.weight[keep] = original[keep]
+
+    yield from training_steps(pipe, data, params, "embedding", params.adapt.embedding.batch_size, state, optimizer,
+                              until, restore_other_rows)
 
 
 # --------------------------------------------------------------------------------------- stage 2
@@ -182,22 +222,11 @@ def lora_param_groups(pipe, params: Params) -> list[dict]:
 
 def lora_steps(pipe, data: ClassData, params: Params, state: TrainState, optimizer: torch.optim.Optimizer,
                until: int) -> Iterator[float]:
-    cfg = params.adapt.lora
     pipe.unet.train()
     pipe.text_encoder.train()
-    while state.step < until:
-        gen = torch.Generator().manual_seed(derive_seed(params.seed, data.name, "lora", state.step))
-        pixels = sample_batch(data, params, cfg.batch_size, gen)
-        loss = diffusion_loss(pipe, pixels, prompt_ids(pipe, data, params.adapt.prompt_templates,
-                                                      cfg.batch_size, gen), gen)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        state.step += 1
-        yield loss.item()
+    yield from training_steps(pipe, data, params, "lora", params.adapt.lora.batch_size, state, optimizer, until)
 
 
-# --------------------------------------------------------------------------------------- save / load
 def lora_state_dicts(pipe) -> tuple[dict, dict]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -399,6 +428,7 @@ def adapt_class(params: Params, cls: str, processed: Path, out_root: Path, repor
     torch.manual_seed(params.seed)
     device = pick_device(params.adapt.device)
     pipe = load_base_pipeline(params.model, device)
+    enable_cuda_speedups(pipe, params, device)
     data = class_data(params, processed, cls)
     run = AdaptRun(params, data, out_root / cls, checkpoint_root / cls, device, max_steps_this_run, stages)
     if not track:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -49,13 +50,22 @@ LAZY_COMMANDS = {
     "export": "stablesdg.export:export_command",
     "ablation": "stablesdg.ablation:ablation_command",
     "prior": "stablesdg.prior:prior_group",
+    "features": "stablesdg.metrics:features_command",
 }
 
 
 @click.group(cls=LazyGroup, lazy=LAZY_COMMANDS)
 @click.version_option(package_name="stablesdg")
 def main() -> None:
-    """StableSDG: few-shot steel-defect image generation, FID-guided, tracked and shipped as ONNX."""
+    """StableSDG: few-shot steel-defect image generation, FID-guided, tracked and shipped as ONNX.
+
+    STABLESDG_THREADS sets torch's CPU thread count (e.g. 1 when other jobs share the cores).
+    """
+    threads = os.environ.get("STABLESDG_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 @main.group()

@@ -144,7 +144,7 @@ class MetricsConfig:
     feature_net: str = choice("offline", "inception", default="offline")
     inception_weights: str | None = None
     offline_feature_dim: int = bounded(64, 8, 4096)
-    offline_epochs: int = bounded(15, 1, 1000)
+    offline_epochs: int = bounded(30, 1, 1000)
     kid_subset_size: int = bounded(50, 2, 100_000)
     kid_subsets: int = bounded(50, 1, 10_000)
     batch_size: int = bounded(32, 1, 4096)

@@ -100,4 +100,5 @@ def log_image(image: Any, artifact_file: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
         image.save(path)
-        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact_file).parent) or None)
+        folder = Path(artifact_file).parent.as_posix()
+        mlflow.log_artifact(str(path), artifact_path=None if folder in ("", ".") else folder)

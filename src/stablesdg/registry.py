@@ -1,0 +1,340 @@
+"""Model registry: the best classifier of a training run becomes a version; aliases say which one the line runs.
+
+Policy. Each `stablesdg train` registers ONE version: the better of its two variants on the primary metric
+(real+synthetic only when strictly better than the real-only baseline, the simpler model wins ties). Both stay
+as MLflow runs, so the baseline is always one click away, and the version's tags record the variant and the
+gain. The new version takes `champion` only when it beats the current champion on the same test set (the
+champion is re-evaluated when its test-set hash differs); otherwise it is `challenger`. Nothing is ever
+deleted: promotions and rollbacks move aliases and record their reason as tags.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .config import Params
+from .preprocess import PreprocessSpec
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+    from .classifier import Splits, VariantResult
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+
+
+@dataclass
+class Registration:
+    model_name: str
+    version: str
+    alias: str
+    variant: str
+    reason: str
+    primary_metric: str
+    value: float
+    champion_before: str | None
+    champion_value: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------- helpers
+def client() -> MlflowClient:
+    from mlflow import MlflowClient
+
+    from .tracking import tracking_uri
+
+    return MlflowClient(tracking_uri(), os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri())
+
+
+def alias_version(mlflow_client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def load_run_spec(run_id: str) -> PreprocessSpec:
+    """The PreprocessSpec a run logged as `preprocess.json` (the model's input contract)."""
+    import mlflow
+
+    return PreprocessSpec.from_dict(mlflow.artifacts.load_dict(f"runs:/{run_id}/preprocess.json"))
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def choose_best(results: Sequence[VariantResult], metric: str) -> VariantResult:
+    """The augmented variant only when strictly better than the baseline (the simpler model wins ties)."""
+    best = results[0]
+    for candidate in results[1:]:
+        if candidate.evaluation.metric(metric) > best.evaluation.metric(metric):
+            best = candidate
+    return best
+
+
+def champion_score(mlflow_client: MlflowClient, champion: ModelVersion, splits: Splits,
+                   metric: str) -> tuple[float | None, str]:
+    """The champion's primary metric on the CURRENT test set: from its tag when the test set is the same,
+    otherwise by loading the champion and re-evaluating it here."""
+    import mlflow
+
+    from .classifier import evaluate, load_images
+
+    tag = champion.tags.get(f"test_{metric}")
+    if champion.tags.get("test_set_sha256") == splits.test_hash and tag is not None:
+        return float(tag), "same test set (test_set_sha256 tags match)"
+    spec = load_run_spec(champion.run_id)
+    if spec.class_names != splits.spec.class_names:
+        return None, (f"champion v{champion.version} predicts classes {spec.class_names}, this test set has "
+                      f"{splits.spec.class_names}: not comparable, promote manually if intended")
+    model = mlflow.pytorch.load_model(f"models:/{champion.name}/{champion.version}", map_location="cpu")
+    test = splits.test if spec == splits.spec else load_images(splits.test.paths, splits.test.y.tolist(), spec)
+    value = evaluate(model, test, len(spec.class_names)).metric(metric)
+    return value, f"champion v{champion.version} re-evaluated on the current test set (its own was different)"
+
+
+def decide(value: float, champion: ModelVersion | None, champion_value: float | None, why: str,
+           metric: str) -> tuple[str, str]:
+    if champion is None:
+        return CHAMPION, "first registered version"
+    if champion_value is None:
+        return CHALLENGER, why
+    verdict = (CHAMPION, "beats") if value > champion_value else (CHALLENGER, "does not beat")
+    return verdict[0], f"{metric} {value:.4f} {verdict[1]} champion v{champion.version} ({champion_value:.4f}); {why}"
+
+
+# --------------------------------------------------------------------------------------- registration
+def version_tags(best: VariantResult, params: Params, splits: Splits, gain: dict | None,
+                 fid_file: Path | None, run_tags: dict[str, str]) -> dict[str, str]:
+    from .classifier import mean_fid
+
+    metric = params.classifier.primary_metric
+    tags = {k: v for k, v in run_tags.items() if k.startswith(("dvc_hash.", "data_sha256.", "git_commit"))}
+    fid = mean_fid(fid_file)
+    tags.update({
+        "variant": best.variant,
+        "test_set_sha256": best.test_hash,
+        "synthetic_sha256": run_tags.get("synthetic_sha256", "none"),
+        "primary_metric": metric,
+        "test_accuracy": f"{best.evaluation.accuracy:.6f}",
+        "test_macro_f1": f"{best.evaluation.macro_f1:.6f}",
+        "gain_accuracy": "n/a" if gain is None else f"{gain['accuracy']:+.6f}",
+        "gain_macro_f1": "n/a" if gain is None else f"{gain['macro_f1']:+.6f}",
+        "mean_fid": "n/a" if fid is None else f"{fid:.4f}",
+        "backbone": params.classifier.backbone,
+        "input_size": str(params.classifier.input_size),
+        "n_train_real": str(best.n_train_real),
+        "n_train_synthetic": str(best.n_train_synthetic),
+    })
+    return tags
+
+
+def _artifact_link(run_id: str, experiment_id: str, path: str = "") -> str:
+    from .tracking import tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith("http"):
+        suffix = f"/artifacts/{path}" if path else ""
+        return f"[{path or 'run'}]({uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{suffix})"
+    return f"`runs:/{run_id}/{path}`" if path else f"run `{run_id}`"
+
+
+def describe(version: str, best: VariantResult, results: Sequence[VariantResult], registration: Registration,
+             tags: dict[str, str], class_names: Sequence[str], experiment_id: str) -> str:
+    """Markdown for the registry UI: what this version is, how it compares, where its evidence is."""
+    metric = registration.primary_metric
+    lines = [
+        f"### {registration.model_name} v{version}: `{best.variant}`",
+        f"**Alias: `{registration.alias}`** - {registration.reason}.",
+        "",
+        "| test metric | " + " | ".join(r.variant for r in results) + " | current champion |",
+        "|---|" + "---|" * (len(results) + 1),
+    ]
+    for name in ("accuracy", "macro_f1"):
+        champ = (f"{registration.champion_value:.4f} (v{registration.champion_before})"
+                 if name == metric and registration.champion_value is not None else "-")
+        lines.append(f"| {name} | " + " | ".join(f"{r.evaluation.metric(name):.4f}" for r in results) + f" | {champ} |")
+    lines += ["", "| class | precision | recall |", "|---|---|---|"]
+    lines += [f"| {c} | {p:.3f} | {r:.3f} |"
+              for c, p, r in zip(class_names, best.evaluation.precision, best.evaluation.recall, strict=True)]
+    lines += [
+        "",
+        f"- gain over real-only: accuracy {tags['gain_accuracy']}, macro-F1 {tags['gain_macro_f1']}",
+        f"- test set sha256 `{tags['test_set_sha256'][:16]}`, synthetic sha256 `{tags['synthetic_sha256'][:16]}`, "
+        f"mean FID {tags['mean_fid']}, git `{tags.get('git_commit', 'unknown')[:12]}`",
+        f"- evidence: {_artifact_link(best.run_id, experiment_id)}, "
+        f"{_artifact_link(best.run_id, experiment_id, 'confusion_matrix.png')}, "
+        f"{_artifact_link(best.run_id, experiment_id, 'misclassified.png')}, "
+        f"{_artifact_link(best.run_id, experiment_id, 'preprocess.json')}",
+    ]
+    return "\n".join(lines)
+
+
+def register_best(params: Params, results: Sequence[VariantResult], splits: Splits, gain: dict | None,
+                  fid_file: Path | None, parent_run_id: str) -> Registration:
+    """Register the better variant as a new version and give it `champion` or `challenger`."""
+    import mlflow
+
+    mlflow_client = client()
+    name, metric = params.tracking.registered_model, params.classifier.primary_metric
+    best = choose_best(results, metric)
+    value = best.evaluation.metric(metric)
+    champion = alias_version(mlflow_client, name, CHAMPION)
+    champion_value, why = champion_score(mlflow_client, champion, splits, metric) if champion else (None, "")
+    alias, reason = decide(value, champion, champion_value, why, metric)
+    run = mlflow_client.get_run(best.run_id)
+    parent_tags = mlflow_client.get_run(parent_run_id).data.tags
+    tags = version_tags(best, params, splits, gain, fid_file, {**parent_tags, **run.data.tags})
+    if champion_value is not None:
+        tags[f"champion_v{champion.version}_{metric}_on_this_test_set"] = f"{champion_value:.6f}"
+    tags["registration_decision"] = f"{alias}: {reason}"[:5000]
+    mv = mlflow.register_model(best.model_uri, name, tags=tags)
+    registration = Registration(name, str(mv.version), alias, best.variant, reason, metric, value,
+                                champion.version if champion else None, champion_value)
+    mlflow_client.update_model_version(name, mv.version, describe(
+        str(mv.version), best, results, registration, tags, splits.spec.class_names, run.info.experiment_id))
+    if alias == CHAMPION and champion is not None:
+        mlflow_client.set_registered_model_alias(name, PREVIOUS, champion.version)
+    mlflow_client.set_registered_model_alias(name, alias, mv.version)
+    return registration
+
+
+# --------------------------------------------------------------------------------------- alias moves
+def promote(mlflow_client: MlflowClient, name: str, version: str, reason: str) -> str | None:
+    """Make `version` the champion; the old champion becomes `previous-champion`. Returns the old one."""
+    mlflow_client.get_model_version(name, version)  # raises for an unknown version
+    old = alias_version(mlflow_client, name, CHAMPION)
+    if old is not None and str(old.version) == str(version):
+        raise click.ClickException(f"{name} v{version} is already the champion")
+    if old is not None:
+        mlflow_client.set_registered_model_alias(name, PREVIOUS, old.version)
+        mlflow_client.set_model_version_tag(name, old.version, "demoted_reason", f"{now()} {reason}")
+    challenger = alias_version(mlflow_client, name, CHALLENGER)
+    if challenger is not None and str(challenger.version) == str(version):
+        mlflow_client.delete_registered_model_alias(name, CHALLENGER)  # the alias only; the version stays
+    mlflow_client.set_registered_model_alias(name, CHAMPION, version)
+    mlflow_client.set_model_version_tag(name, version, "promotion_reason", f"{now()} {reason}")
+    mlflow_client.set_model_version_tag(name, version, "promoted_from", old.version if old else "none")
+    return old.version if old else None
+
+
+def rollback(mlflow_client: MlflowClient, name: str, reason: str, to_version: str | None = None) -> tuple[str, str]:
+    """Champion back to `previous-champion` (or `to_version`); the rolled-back one becomes previous-champion."""
+    current = alias_version(mlflow_client, name, CHAMPION)
+    if current is None:
+        raise click.ClickException(f"{name} has no champion to roll back")
+    if to_version is None:
+        previous = alias_version(mlflow_client, name, PREVIOUS)
+        if previous is None:
+            raise click.ClickException(f"{name} has no {PREVIOUS}; pass --to VERSION")
+        to_version = str(previous.version)
+    if str(to_version) == str(current.version):
+        raise click.ClickException(f"{name} v{to_version} is already the champion")
+    mlflow_client.get_model_version(name, to_version)
+    mlflow_client.set_registered_model_alias(name, CHAMPION, to_version)
+    mlflow_client.set_registered_model_alias(name, PREVIOUS, current.version)
+    mlflow_client.set_model_version_tag(name, to_version, "rollback_reason", f"{now()} {reason}")
+    mlflow_client.set_model_version_tag(name, current.version, "rolled_back_reason", f"{now()} {reason}")
+    return str(current.version), str(to_version)
+
+
+def list_versions(mlflow_client: MlflowClient, name: str) -> list[dict[str, Any]]:
+    versions = mlflow_client.search_model_versions(f"name='{name}'")
+    rows = []
+    for mv in sorted(versions, key=lambda v: int(v.version)):
+        rows.append({
+            "version": str(mv.version),
+            "aliases": list(mv.aliases),
+            "variant": mv.tags.get("variant", "?"),
+            "test_accuracy": mv.tags.get("test_accuracy", "?"),
+            "test_macro_f1": mv.tags.get("test_macro_f1", "?"),
+            "gain_macro_f1": mv.tags.get("gain_macro_f1", "?"),
+            "test_set": mv.tags.get("test_set_sha256", "?")[:12],
+            "run_id": mv.run_id,
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------------------- CLI
+def _name(params_path: str, name: str | None) -> str:
+    if name:
+        return name
+    from .cli import load_or_exit
+
+    return load_or_exit(params_path).tracking.registered_model
+
+
+def _registry_command(fn):
+    fn = click.option("--params", "params_path", default="params.yaml", show_default=True,
+                      type=click.Path(dir_okay=False))(fn)
+    return click.option("--name", default=None, help="Registered model (default: tracking.registered_model).")(fn)
+
+
+@click.group("registry")
+def registry_group() -> None:
+    """Inspect the classifier registry and move the champion (promote, rollback) with a recorded reason."""
+
+
+@registry_group.command("list")
+@_registry_command
+def list_command(params_path: str, name: str | None) -> None:
+    """Versions with their test metrics and aliases."""
+    name = _name(params_path, name)
+    rows = list_versions(client(), name)
+    if not rows:
+        click.echo(f"{name}: no versions yet (run `stablesdg train`)")
+        return
+    click.echo(f"{'ver':>4}  {'aliases':<28} {'variant':<20} {'acc':>8} {'macroF1':>8} {'gainF1':>9}  test_set")
+    for r in rows:
+        click.echo(f"{r['version']:>4}  {','.join(r['aliases']) or '-':<28} {r['variant']:<20} "
+                   f"{r['test_accuracy'][:8]:>8} {r['test_macro_f1'][:8]:>8} {r['gain_macro_f1'][:9]:>9}  "
+                   f"{r['test_set']}")
+
+
+@registry_group.command("show")
+@click.argument("version")
+@_registry_command
+def show_command(version: str, params_path: str, name: str | None) -> None:
+    """One version: aliases, tags and the reviewer description."""
+    name = _name(params_path, name)
+    mv = client().get_model_version(name, version)
+    click.echo(json.dumps({"name": name, "version": mv.version, "aliases": list(mv.aliases), "run_id": mv.run_id,
+                           "source": mv.source, "tags": dict(sorted(mv.tags.items()))}, indent=2))
+    if mv.description:
+        click.echo("\n" + mv.description)
+
+
+@registry_group.command("promote")
+@click.argument("version")
+@click.option("--reason", required=True, help="Why (recorded as the version's promotion_reason tag).")
+@_registry_command
+def promote_command(version: str, reason: str, params_path: str, name: str | None) -> None:
+    """Make VERSION the champion; the old champion becomes previous-champion."""
+    name = _name(params_path, name)
+    old = promote(client(), name, version, reason)
+    click.echo(f"{name}: v{version} is champion" + (f" (v{old} is previous-champion)" if old else ""))
+
+
+@registry_group.command("rollback")
+@click.option("--reason", required=True, help="Why (recorded as rollback_reason / rolled_back_reason tags).")
+@click.option("--to", "to_version", default=None, help="Version to restore (default: previous-champion).")
+@_registry_command
+def rollback_command(reason: str, to_version: str | None, params_path: str, name: str | None) -> None:
+    """Put the previous champion (or --to VERSION) back as champion."""
+    name = _name(params_path, name)
+    old, new = rollback(client(), name, reason, to_version)
+    click.echo(f"{name}: champion v{old} -> v{new} (v{old} is previous-champion)")

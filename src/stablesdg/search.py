@@ -1,0 +1,284 @@
+"""FID-guided choice of the generation settings per class (`search`), and the final synthetic-set scores (`evaluate`).
+
+Search: a coarse grid over strength x guidance x steps, then a few refinement rounds around the best, each trial
+generating the same images (same sources, same seeds) from the class's real TRAIN images and scoring them
+against its real VAL images. The TEST split stays untouched until `evaluate` and the classifier.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+from PIL import Image
+from tqdm import tqdm
+
+from .config import Params, SearchConfig
+from .metrics import FEATURE_DIR, FeatureWeightsError, MetricsError, Scorer, load_scorer
+from .utils import derive_seed, pick_device, write_json
+
+
+@dataclass(frozen=True)
+class Trial:
+    strength: float
+    guidance_scale: float
+    steps: int
+
+
+# --------------------------------------------------------------------------------------- trial plan
+def grid_trials(cfg: SearchConfig) -> list[Trial]:
+    return [Trial(float(s), float(g), int(n)) for s in cfg.strength for g in cfg.guidance_scale for n in cfg.steps]
+
+
+def _spacing(values: list[float]) -> float:
+    """Smallest gap between distinct grid values (0 for a single value: that axis is not refined)."""
+    vals = sorted(set(values))
+    return min((b - a for a, b in zip(vals, vals[1:], strict=False)), default=0.0)
+
+
+def refine_trials(cfg: SearchConfig, best: Trial, tried: set[Trial], round_no: int) -> list[Trial]:
+    """Half-steps around the best: strength ± gap/2^r, guidance ± gap/2^r, steps kept. At most 4 trials."""
+    ds = _spacing(cfg.strength) / 2**round_no
+    dg = _spacing(cfg.guidance_scale) / 2**round_no
+    out: list[Trial] = []
+    for s, g in ((best.strength - ds, best.guidance_scale), (best.strength + ds, best.guidance_scale),
+                 (best.strength, best.guidance_scale - dg), (best.strength, best.guidance_scale + dg)):
+        trial = Trial(round(s, 4), round(g, 4), best.steps)
+        if 0.0 < trial.strength <= 1.0 and trial.guidance_scale >= 0.0 and trial not in tried and trial not in out:
+            out.append(trial)
+    return out
+
+
+def cycled(sources: list[Path], n: int) -> list[Path]:
+    if not sources:
+        raise click.ClickException("no real training images for this class: run the ingest stage first")
+    return [sources[i % len(sources)] for i in range(n)]
+
+
+def seeds_for(params: Params, cls: str, purpose: str, n: int) -> list[int]:
+    return [derive_seed(params.seed, cls, purpose, i) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------- search
+@dataclass
+class SearchRun:
+    """One class's search: the pipeline, the fixed sources/seeds, the real val images and the scorer."""
+
+    params: Params
+    cls: str
+    pipe: object
+    sources: list[Path]
+    real: list[Path]
+    scorer: Scorer
+
+    def run_trial(self, trial: Trial, stage: str) -> dict:
+        from .generation import render
+
+        n = self.params.search.images_per_trial
+        start = time.perf_counter()
+        images = render(self.pipe, self.params, self.cls, cycled(self.sources, n), trial.strength,
+                        trial.guidance_scale, trial.steps, seeds_for(self.params, self.cls, "search", n))
+        scores = self.scorer.score(self.real, images)
+        return {**asdict(trial), "stage": stage, **scores, "seconds": round(time.perf_counter() - start, 3)}
+
+    def run(self, on_trial=None) -> list[dict]:
+        """Grid, then refinement rounds; `on_trial(record)` sees each finished trial (MLflow child runs)."""
+        cfg, fid = self.params.search, self.scorer.keys["fid"]
+        results: list[dict] = []
+
+        def do(trials: list[Trial], stage: str) -> None:
+            for trial in tqdm(trials, desc=f"search {self.cls} {stage}", unit="trial"):
+                results.append(self.run_trial(trial, stage))
+                if on_trial:
+                    on_trial(results[-1])
+
+        do(grid_trials(cfg), "grid")
+        for r in range(1, (cfg.refine_rounds if cfg.refine else 0) + 1):
+            best = min(results, key=lambda t: t[fid])
+            tried = {Trial(t["strength"], t["guidance_scale"], t["steps"]) for t in results}
+            best_trial = Trial(best["strength"], best["guidance_scale"], best["steps"])
+            do(refine_trials(cfg, best_trial, tried, r), f"refine-{r}")
+        return results
+
+
+def fid_by_strength(trials: list[dict], fid_key: str) -> list[tuple[float, float]]:
+    """For each strength, the best FID over the other settings (the DVC plot)."""
+    best: dict[float, float] = {}
+    for t in trials:
+        best[t["strength"]] = min(best.get(t["strength"], float("inf")), t[fid_key])
+    return sorted(best.items())
+
+
+def write_search_outputs(out_dir: Path, cls: str, summary: dict) -> dict[str, Path]:
+    from .viz import line_plot, save_image
+
+    fid_key = summary["metric"]
+    points = fid_by_strength(summary["trials"], fid_key)
+    paths = {"json": out_dir / f"{cls}.json", "csv": out_dir / f"{cls}_fid_vs_strength.csv",
+             "png": out_dir / f"{cls}_fid_vs_strength.png"}
+    write_json(paths["json"], summary)
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["strength", "fid"])  # column `fid` in every mode; the JSON names the feature net
+        writer.writerows([s, f"{v:.6f}"] for s, v in points)
+    plot = line_plot({cls: points}, "strength", f"best {fid_key}", f"{cls}: {fid_key} vs img2img strength")
+    save_image(plot, paths["png"])
+    return paths
+
+
+def _summary(run: SearchRun, trials: list[dict]) -> dict:
+    keys = run.scorer.keys
+    best = min(trials, key=lambda t: t[keys["fid"]])
+    return {
+        "class": run.cls, "feature_net": run.scorer.extractor.name, "metric": keys["fid"], "real_split": "val",
+        "n_real": len(run.real), "images_per_trial": run.params.search.images_per_trial,
+        "mode": run.params.generate.mode, "scheduler": run.params.generate.scheduler,
+        "best": {"strength": best["strength"], "guidance_scale": best["guidance_scale"], "steps": best["steps"],
+                 keys["fid"]: best[keys["fid"]], keys["kid_mean"]: best[keys["kid_mean"]]},
+        "trials": trials,
+    }
+
+
+def search_class(params: Params, cls: str, processed: Path, adapter_dir: Path, out_dir: Path,
+                 feature_dir: Path = FEATURE_DIR, pipe=None, track: bool = True) -> dict:
+    """Search one class; writes <cls>.json, <cls>_fid_vs_strength.csv/.png and returns the summary."""
+    from .data import split_paths
+    from .generation import load_adapted_pipeline
+
+    scorer = load_scorer(params, feature_dir, processed)
+    real = split_paths(processed, cls, "val")
+    if len(real) < 2:
+        raise MetricsError(f"{cls}: {len(real)} val images; FID needs at least 2 (raise data.val_per_class)")
+    if pipe is None:
+        pipe = load_adapted_pipeline(params, cls, adapter_dir, pick_device(params.generate.device))
+    run = SearchRun(params, cls, pipe, split_paths(processed, cls, "train"), real, scorer)
+    if not track:
+        summary = _summary(run, run.run())
+        write_search_outputs(out_dir, cls, summary)
+        return summary
+    return _tracked_search(run, adapter_dir, processed, out_dir)
+
+
+def _tracked_search(run: SearchRun, adapter_dir: Path, processed: Path, out_dir: Path) -> dict:
+    """One MLflow parent run for the class, one nested child run per trial."""
+    import mlflow
+
+    from . import tracking
+
+    fid = run.scorer.keys["fid"]
+
+    def log_trial(t: dict) -> None:
+        with mlflow.start_run(run_name=f"{run.cls}-s{t['strength']}-g{t['guidance_scale']}-n{t['steps']}",
+                              nested=True, tags={"stage": "search-trial", "class": run.cls, "phase": t["stage"]}):
+            mlflow.log_params({k: t[k] for k in ("strength", "guidance_scale", "steps")})
+            mlflow.log_metrics({k: v for k, v in t.items() if k.startswith(("fid", "kid")) or k == "seconds"})
+
+    with tracking.stage_run("search", run.params, inputs=[adapter_dir, processed / "images" / run.cls],
+                            run_name=f"search-{run.cls}", extra_tags={"class": run.cls,
+                                                                      "feature_net": run.scorer.extractor.name}):
+        summary = _summary(run, run.run(on_trial=log_trial))
+        paths = write_search_outputs(out_dir, run.cls, summary)
+        best = summary["best"]
+        mlflow.log_params({f"best.{k}": best[k] for k in ("strength", "guidance_scale", "steps")})
+        mlflow.log_metrics({f"best_{fid}": best[fid], "best_strength": best["strength"],
+                            "best_guidance_scale": best["guidance_scale"], "best_steps": best["steps"],
+                            "trials": len(summary["trials"])})
+        for path in paths.values():
+            mlflow.log_artifact(str(path), artifact_path="search")
+    return summary
+
+
+@click.command("search")
+@click.option("--class", "cls", required=True, help="defect class to search settings for")
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
+@click.option("--adapters", default="models/adapters", show_default=True, type=click.Path(path_type=Path))
+@click.option("--features", "feature_dir", default=str(FEATURE_DIR), show_default=True,
+              type=click.Path(path_type=Path), help="offline feature net (from `stablesdg features`)")
+@click.option("--out", default="reports/search", show_default=True, type=click.Path(path_type=Path))
+def search_command(cls: str, params_path: str, processed: Path, adapters: Path, feature_dir: Path,
+                   out: Path) -> None:
+    """FID-guided grid + refinement over strength, guidance and steps for one class (scored on its val split)."""
+    from .cli import load_or_exit
+
+    params = load_or_exit(params_path)
+    params.class_config(cls)
+    try:
+        summary = search_class(params, cls, processed, adapters / cls, out, feature_dir)
+    except (FeatureWeightsError, MetricsError) as err:
+        raise click.ClickException(str(err)) from None
+    b, key = summary["best"], summary["metric"]
+    click.echo(f"search {cls}: {len(summary['trials'])} trials, best strength {b['strength']}, guidance "
+               f"{b['guidance_scale']}, steps {b['steps']} ({key} {b[key]:.3f}) -> {out / (cls + '.json')}")
+
+
+# --------------------------------------------------------------------------------------- evaluate
+def synthetic_paths(synthetic: Path, cls: str) -> list[Path]:
+    paths = sorted((synthetic / cls).glob("*.png"))
+    if len(paths) < 2:
+        raise click.ClickException(f"{synthetic / cls}: {len(paths)} synthetic images; run "
+                                   f"`dvc repro generate@{cls}` (or `stablesdg generate --class {cls}`) first")
+    return paths
+
+
+def evaluate_sets(params: Params, processed: Path, synthetic: Path, scorer: Scorer,
+                  classes: list[str]) -> dict:
+    """metrics/fid.json: per-class FID/KID of the synthetic set against the real TEST images, and their mean."""
+    from .data import split_paths
+
+    keys = scorer.keys
+    per_class = {}
+    for cls in tqdm(classes, desc="evaluate", unit="class"):
+        real, fake = split_paths(processed, cls, "test"), synthetic_paths(synthetic, cls)
+        per_class[cls] = {**scorer.score(real, fake), "n_real": len(real), "n_synthetic": len(fake)}
+    mean = {k: sum(v[k] for v in per_class.values()) / len(per_class) for k in (keys["fid"], keys["kid_mean"])}
+    return {"feature_net": scorer.extractor.name, "per_class": per_class, "mean": mean}
+
+
+def real_vs_synthetic_grid(real: list[Path], fake: list[Path], n: int = 8) -> Image.Image:
+    from .viz import image_grid
+
+    rows = [[Image.open(p).copy() for p in paths[:n]] for paths in (real, fake)]
+    return image_grid(rows, ["real", "synthetic"])
+
+
+@click.command("evaluate")
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
+@click.option("--synthetic", default="data/synthetic", show_default=True, type=click.Path(path_type=Path))
+@click.option("--features", "feature_dir", default=str(FEATURE_DIR), show_default=True,
+              type=click.Path(path_type=Path))
+@click.option("--metrics", "metrics_path", default="metrics/fid.json", show_default=True,
+              type=click.Path(path_type=Path))
+@click.option("--grids", default="reports/grids", show_default=True, type=click.Path(path_type=Path))
+def evaluate_command(params_path: str, processed: Path, synthetic: Path, feature_dir: Path, metrics_path: Path,
+                     grids: Path) -> None:
+    """FID/KID of each class's final synthetic set against its real test images, plus real-vs-synthetic grids."""
+    import mlflow
+
+    from . import tracking
+    from .cli import load_or_exit
+    from .data import split_paths
+    from .viz import save_image
+
+    params = load_or_exit(params_path)
+    try:
+        scorer = load_scorer(params, feature_dir, processed)
+        with tracking.stage_run("evaluate", params, inputs=[processed / "splits", synthetic],
+                                extra_tags={"feature_net": scorer.extractor.name}):
+            result = evaluate_sets(params, processed, synthetic, scorer, params.class_names)
+            write_json(metrics_path, result)
+            for cls in params.class_names:
+                grid = real_vs_synthetic_grid(split_paths(processed, cls, "test"), synthetic_paths(synthetic, cls))
+                mlflow.log_artifact(str(save_image(grid, grids / f"{cls}.png")), artifact_path="grids")
+            mlflow.log_metrics({f"{k}_{cls}": v for cls, rec in result["per_class"].items()
+                                for k, v in rec.items()})
+            mlflow.log_metrics({f"mean_{k}": v for k, v in result["mean"].items()})
+            mlflow.log_artifact(str(metrics_path))
+    except (FeatureWeightsError, MetricsError) as err:
+        raise click.ClickException(str(err)) from None
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in result["mean"].items())
+    click.echo(f"evaluate: mean {summary} over {len(result['per_class'])} classes -> {metrics_path}")

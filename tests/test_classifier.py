@@ -1,0 +1,164 @@
+"""Classifier training on real (+ synthetic) images: backbones, metrics, determinism and the train stage."""
+
+from __future__ import annotations
+
+import csv
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from conftest import make_processed
+
+from stablesdg.classifier import (
+    BACKBONES,
+    PretrainedWeightsError,
+    augment_batch,
+    build_backbone,
+    classification_metrics,
+    load_splits,
+    make_spec,
+    run_training,
+    sample_synthetic,
+    train_classifier,
+    weights_file_name,
+)
+from stablesdg.config import parse_params
+from stablesdg.demo import write_demo_dataset
+from stablesdg.registry import CHAMPION, alias_version, client
+
+CLASSES = ["crazing", "patches", "scratches"]
+
+
+def classifier_params(**classifier) -> object:
+    cfg = {"backbone": "mobilenet_v3_small", "input_size": 48, "epochs": 3, "batch_size": 8,
+           "learning_rate": 0.003, "patience": 3, **classifier}
+    return parse_params({"seed": 5, "classes": {c: {"initializer": "line"} for c in CLASSES}, "classifier": cfg})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Real processed splits plus a synthetic folder (demo images of another seed stand in for generated ones)."""
+    root = tmp_path_factory.mktemp("clsdata")
+    processed = make_processed(root, CLASSES, per_class=10, size=64, k_shot=4)
+    write_demo_dataset(root / "synthetic_raw", CLASSES, 6, 64, seed=99)
+    synthetic = root / "synthetic"
+    for cls in CLASSES:
+        (synthetic / cls).mkdir(parents=True)
+        for i, src in enumerate(sorted((root / "synthetic_raw" / cls).iterdir())):
+            (synthetic / cls / f"{cls}_{i:05d}.png").write_bytes(src.read_bytes())
+    return processed, synthetic
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_builds_with_the_class_count(backbone):
+    model = build_backbone(backbone, num_classes=6).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, 3, 64, 64))
+    assert out.shape == (2, 6)
+
+
+def test_missing_pretrained_weights_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    name = weights_file_name("resnet18")
+    assert name.startswith("resnet18-") and name.endswith(".pth")
+    with pytest.raises(PretrainedWeightsError) as err:
+        build_backbone("resnet18", 6, pretrained=True)
+    message = str(err.value)
+    assert name in message and str(tmp_path / "hub" / "checkpoints") in message and "pretrained: false" in message
+
+
+def test_pretrained_weights_load_from_weights_path(tmp_path):
+    """A local weights file (here: a resnet18 state dict saved under torchvision's file name) is used."""
+    reference = build_backbone("resnet18", 1000)
+    path = tmp_path / weights_file_name("resnet18")
+    torch.save(reference.state_dict(), path)
+    model = build_backbone("resnet18", 4, pretrained=True, weights_path=str(tmp_path))
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+    assert model.fc.out_features == 4
+
+
+def test_classification_metrics_on_a_known_confusion():
+    y_true = np.array([0, 0, 0, 1, 1, 2])
+    y_pred = np.array([0, 0, 1, 1, 1, 0])
+    ev = classification_metrics(y_true, y_pred, 3)
+    assert ev.confusion.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert ev.accuracy == pytest.approx(4 / 6)
+    assert ev.precision == pytest.approx([2 / 3, 2 / 3, 0.0])
+    assert ev.recall == pytest.approx([2 / 3, 1.0, 0.0])
+    f1 = [2 / 3, 0.8, 0.0]
+    assert ev.macro_f1 == pytest.approx(np.mean(f1))
+
+
+def test_augmentation_is_seeded_and_keeps_shape():
+    spec = make_spec(CLASSES, classifier_params().classifier)
+    x = torch.randn(6, 3, 48, 48)
+    a = augment_batch(x, spec, torch.Generator().manual_seed(1))
+    b = augment_batch(x, spec, torch.Generator().manual_seed(1))
+    c = augment_batch(x, spec, torch.Generator().manual_seed(2))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_synthetic_sample_follows_the_ratio_per_class(data):
+    processed, synthetic = data
+    paths, labels = sample_synthetic(synthetic, CLASSES, [4, 4, 2], ratio=1.0, seed=1)
+    assert [labels.count(i) for i in range(3)] == [4, 4, 2]
+    assert all(p.parent.name == CLASSES[label] for p, label in zip(paths, labels, strict=True))
+    again, _ = sample_synthetic(synthetic, CLASSES, [4, 4, 2], ratio=1.0, seed=1)
+    assert again == paths
+
+
+def test_training_is_deterministic_and_learns(data):
+    processed, synthetic = data
+    params = classifier_params(epochs=4)
+    splits = load_splits(processed, synthetic, params)
+    first = train_classifier(splits.train, splits.val, splits.spec, params.classifier, seed=1)
+    second = train_classifier(splits.train, splits.val, splits.spec, params.classifier, seed=1)
+    for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    losses = [r.train_loss for r in first.history]
+    assert losses[-1] < losses[0]
+    assert first.best_epoch == 1 + int(np.argmax([r.val_macro_f1 for r in first.history]))
+
+
+def test_train_stage_compares_both_variants_on_the_same_test_set(data, mlflow_store, tmp_path):
+    processed, synthetic = data
+    params = classifier_params()
+    summary = run_training(params, processed, synthetic, tmp_path / "reports")
+
+    real, augmented = summary["real_only"], summary["real_plus_synthetic"]
+    n_test = 3 * (10 - 4 - 2)
+    assert real["n_train_synthetic"] == 0 and augmented["n_train_synthetic"] == 12
+    assert real["test_set_sha256"] == augmented["test_set_sha256"] == summary["test_set_sha256"]
+    assert summary["gain"]["macro_f1"] == pytest.approx(augmented["macro_f1"] - real["macro_f1"])
+    assert sum(map(sum, real["confusion_matrix"])) == n_test
+
+    runs = {r.data.tags["variant"]: r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+            if "variant" in r.data.tags}
+    assert set(runs) == {"real_only", "real_plus_synthetic"}
+    assert {r.data.tags["test_set_sha256"] for r in runs.values()} == {summary["test_set_sha256"]}
+    for variant, run in runs.items():
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_macro_f1")
+        assert len(history) == summary[variant]["epochs_run"]
+        assert run.data.metrics["test_macro_f1"] == pytest.approx(summary[variant]["macro_f1"])
+        artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+        assert {"confusion_matrix.png", "misclassified.png", "preprocess.json"} <= artifacts
+
+    with open(tmp_path / "reports" / "confusion_real_only.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n_test and {r["actual"] for r in rows} == set(CLASSES)
+
+    registered = summary["registered"]
+    champion = alias_version(client(), params.tracking.registered_model, CHAMPION)
+    assert registered["alias"] == CHAMPION and str(champion.version) == registered["version"] == "1"
+    assert champion.tags["test_set_sha256"] == summary["test_set_sha256"]
+    assert champion.tags["variant"] == registered["variant"]
+    assert "| accuracy |" in champion.description
+
+
+def test_augmented_variant_is_skipped_with_a_reason_without_synthetic_images(data, mlflow_store, tmp_path):
+    processed, _ = data
+    summary = run_training(classifier_params(epochs=1), processed, tmp_path / "none", tmp_path / "r", register=False)
+    assert summary["real_plus_synthetic"]["skipped"] is True
+    assert "no synthetic images" in summary["real_plus_synthetic"]["reason"]
+    assert summary["gain"] is None

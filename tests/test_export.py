@@ -1,0 +1,261 @@
+"""ONNX export of the registry champion: single file, contract metadata, parity, int8 gate, line runtime.
+
+Real parts throughout: an MLflow sqlite registry with a logged + registered torch model, onnxruntime sessions,
+and the deploy runtime (`stablesdg_line`) loading what the exporter wrote.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import make_processed
+from stablesdg_line.classifier import Classifier, ModelIntegrityError, RuntimeOptions
+from stablesdg_line.contract import DESCRIPTIVE_KEYS, PREPROCESSING_KEYS, parse_preprocess_spec
+from torch import nn
+
+from stablesdg import __version__, tracking
+from stablesdg.classifier import ImageSet, build_backbone, load_images, log_classifier, make_spec, real_split
+from stablesdg.config import Params, parse_params
+from stablesdg.export import (
+    GATE_FILE,
+    INT8_FILE,
+    ExportError,
+    check_onnx,
+    export_champion,
+    export_command,
+    int8_gate,
+    load_champion,
+    onnx_logits,
+    onnx_parity,
+    session,
+    weights_sha256,
+)
+from stablesdg.registry import CHAMPION, client
+from stablesdg.utils import sha256_file, sha256_tree
+
+CLASSES = ["crazing", "patches", "scratches"]
+SIZE = 64
+
+
+def raw_params(**export) -> dict:
+    return {"seed": 3, "classes": {c: {"initializer": "line"} for c in CLASSES},
+            "classifier": {"backbone": "mobilenet_v3_small", "input_size": SIZE},
+            "export": {"opset": 17, "quantize": True, "calibration_images": 60, **export}}
+
+
+def quick_model(train: ImageSet) -> nn.Module:
+    """Random weights with BatchNorm statistics of the train images: input-dependent logits, no training.
+
+    (A few SGD steps on 9 images collapse mobilenet_v3 to a constant output in eval mode.)
+    """
+    torch.manual_seed(0)
+    model = build_backbone("mobilenet_v3_small", len(CLASSES))
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.momentum = None  # cumulative average over the one pass below
+    with torch.no_grad():
+        model.train()(train.x)
+    return model.eval()
+
+
+@dataclass
+class Shipped:
+    root: Path
+    processed: Path
+    params: Params
+    model: nn.Module
+    test: ImageSet
+    summary: dict
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.root / "models" / "classifier.onnx"
+
+    def torch_top1(self) -> np.ndarray:
+        with torch.no_grad():
+            return self.model(self.test.x).argmax(1).numpy()
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """Train-lite a champion, register it like `stablesdg train` does, export it once (int8 always kept)."""
+    root = tmp_path_factory.mktemp("export")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.chdir(root)
+        processed = make_processed(root, CLASSES, per_class=12, size=SIZE)
+        params = parse_params(raw_params(max_accuracy_drop=100.0))
+        spec = make_spec(CLASSES, params.classifier)
+        model = quick_model(load_images(*real_split(processed, CLASSES, "train"), spec))
+        with tracking.stage_run("train", params, inputs=[processed]) as run:
+            uri = log_classifier(model, spec)
+        name = params.tracking.registered_model
+        data_tags = {k: v for k, v in mlflow.get_run(run.info.run_id).data.tags.items() if k.startswith("data_")}
+        version = mlflow.register_model(uri, name, tags=data_tags)
+        client().set_registered_model_alias(name, CHAMPION, version.version)
+        summary = export_champion(params, processed, root / "models" / "classifier.onnx", root / "models" / "quantized")
+        test = load_images(*real_split(processed, CLASSES, "test"), spec)
+        yield Shipped(root, processed, params, model, test, summary)
+
+
+def test_export_is_one_file_with_the_full_contract(shipped):
+    assert sorted(p.name for p in shipped.onnx_path.parent.iterdir()) == ["classifier.onnx", "quantized"]
+    proto = onnx.load(str(shipped.onnx_path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert set(PREPROCESSING_KEYS) | set(DESCRIPTIVE_KEYS) <= set(meta)
+    spec = parse_preprocess_spec(meta)  # the line runtime's own parser
+    assert spec.class_names == tuple(CLASSES) and spec.input_shape == (3, SIZE, SIZE)
+    assert spec.channel_mode == "L" and spec.resize == "bilinear"
+    np.testing.assert_allclose(spec.mean, [0.485, 0.456, 0.406], rtol=1e-6)
+    assert meta["model_name"] == "steel-defect-classifier" and meta["model_version"] == "1"
+    assert meta["quantized"] == "false" and meta["opset"] == "17" and meta["stablesdg_version"] == __version__
+    assert meta["weights_sha256"] == weights_sha256(shipped.model)
+    assert meta["data_hash"] == f"sha256:{sha256_tree(shipped.processed)}"  # from the version's data tag
+
+
+def test_batch_is_dynamic_and_logits_match_torch(shipped):
+    sess = session(shipped.onnx_path)
+    x = shipped.test.x.numpy()
+    with torch.no_grad():
+        expected = shipped.model(shipped.test.x).numpy()
+    one = sess.run(["logits"], {"input": x[:1]})[0]
+    five = sess.run(["logits"], {"input": x[:5]})[0]
+    assert one.shape == (1, 3) and five.shape == (5, 3)
+    np.testing.assert_allclose(five, expected[:5], atol=1e-4, rtol=0)
+    got = onnx_logits(sess, x)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    assert len(set(expected.argmax(1).tolist())) > 1, "degenerate test model: top-1 would prove nothing"
+    parity = shipped.summary["fp32"]["parity"]
+    assert parity["n_images"] == len(x) == 21 and parity["top1_agreement"] == 1.0
+    assert parity["max_abs_diff"] <= 1e-4
+
+
+def test_parity_check_fails_when_onnx_and_torch_disagree(shipped):
+    drifted = copy.deepcopy(shipped.model)
+    with torch.no_grad():
+        drifted.classifier[-1].bias += 0.01  # what a stale or wrong export looks like
+    with pytest.raises(ExportError, match="parity failed"):
+        onnx_parity(drifted, shipped.onnx_path, shipped.test.x.numpy(), ["a"] * len(shipped.test), 1e-4)
+
+
+def test_failed_parity_leaves_no_model_behind(shipped):
+    params = parse_params(raw_params(parity_atol=0.0))  # ORT and torch never agree to the last bit
+    out = shipped.root / "zero-tolerance" / "classifier.onnx"
+    with pytest.raises(ExportError, match=r"parity failed on 21 test images: max \|logit diff\|"):
+        export_champion(params, shipped.processed, out, out.parent / "quantized", log_to_mlflow=False)
+    assert list(out.parent.iterdir()) == []  # nothing at `out`, no staging leftovers
+
+
+def test_contract_check_names_a_missing_metadata_key(shipped):
+    proto = onnx.load(str(shipped.onnx_path))
+    kept = [p for p in proto.metadata_props if p.key != "mean"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    with pytest.raises(ExportError, match="metadata key 'mean' missing"):
+        check_onnx(proto, 17, ["mean", "std"])
+
+
+def test_line_runtime_gives_torch_top1_and_pins_the_sha256(shipped):
+    sha = shipped.summary["fp32"]["sha256"]
+    assert sha == sha256_file(shipped.onnx_path)
+    clf = Classifier(shipped.onnx_path, RuntimeOptions(expected_sha256=sha, warmup_runs=1))
+    labels = [p.label for p in clf.classify_files(shipped.test.paths, batch_size=4)]
+    assert labels == [CLASSES[i] for i in shipped.torch_top1()]
+    assert clf.describe()["model_version"] == "1" and clf.describe()["quantized"] == "false"
+
+
+def test_runtime_refuses_a_tampered_model(shipped, tmp_path):
+    data = bytearray(shipped.onnx_path.read_bytes())
+    weights = max(onnx.load(str(shipped.onnx_path)).graph.initializer, key=lambda t: len(t.raw_data)).raw_data
+    offset = bytes(data).find(weights[:256])
+    assert offset > 0
+    data[offset + len(weights) // 2] ^= 0x01  # one bit of one weight
+    tampered = tmp_path / "classifier.onnx"
+    tampered.write_bytes(bytes(data))
+    Classifier(tampered)  # still a valid model: only the pin can tell
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        Classifier(tampered, RuntimeOptions(expected_sha256=shipped.summary["fp32"]["sha256"]))
+
+
+@pytest.mark.parametrize(("fp32", "int8", "max_drop", "decision"), [
+    (0.90, 0.896, 0.5, "kept"),  # 0.4 points
+    (0.90, 0.89, 0.5, "rejected"),  # 1.0 point
+    (0.90, 0.90, 0.0, "kept"),  # no loss passes a zero threshold (no float noise)
+    (0.80, 0.85, 0.0, "kept"),  # int8 better
+    (0.85, 0.80, 4.99, "rejected"),
+])
+def test_int8_gate(fp32, int8, max_drop, decision):
+    gate = int8_gate(fp32, int8, max_drop)
+    assert gate.decision == decision and gate.kept == (decision == "kept")
+    assert gate.accuracy_drop_points == pytest.approx((fp32 - int8) * 100)
+    assert f"{max_drop:g}" in gate.reason
+
+
+def test_kept_int8_model_is_tagged_checked_and_runs_on_the_line(shipped):
+    int8 = shipped.summary["int8"]
+    path = shipped.onnx_path.parent / "quantized" / INT8_FILE
+    assert int8["kept"] and int8["decision"] == "kept" and int8["sha256"] == sha256_file(path)
+    gate = json.loads((path.parent / GATE_FILE).read_text())
+    assert gate["decision"] == "kept" and gate["calibration_images"] == 9  # all 3 x 3 train images
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["quantized"] == "true" and meta["weights_sha256"] == weights_sha256(shipped.model)
+    assert any(n.op_type in ("QLinearConv", "QuantizeLinear") for n in onnx.load(str(path)).graph.node)
+    clf = Classifier(path, RuntimeOptions(expected_sha256=int8["sha256"]))
+    correct = [CLASSES.index(p.label) == y for p, y in zip(clf.classify_files(shipped.test.paths),
+                                                            shipped.test.y.tolist(), strict=True)]
+    assert np.mean(correct) == pytest.approx(gate["int8_accuracy"])
+
+
+def test_mlflow_records_the_export_on_the_champion_version(shipped):
+    name = shipped.params.tracking.registered_model
+    mv = client().get_model_version(name, "1")  # the fixture's store is still the active one
+    run = client().get_run(mv.tags["onnx_export_run_id"])
+    artifacts = [a.path for a in client().list_artifacts(run.info.run_id, "onnx")]
+    assert mv.tags["onnx_sha256"] == shipped.summary["fp32"]["sha256"] and mv.tags["int8_kept"] == "true"
+    assert mv.tags["int8_sha256"] == shipped.summary["int8"]["sha256"]
+    assert float(mv.tags["onnx_parity_max_abs_diff"]) <= 1e-4
+    assert "onnx/classifier.onnx" in artifacts
+    assert run.data.metrics["parity_top1_agreement"] == 1.0 and run.data.tags["model_version"] == "1"
+
+
+def test_cli_with_zero_tolerance_gates_on_the_measured_accuracies(shipped, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{shipped.root / 'mlflow.db'}")
+    monkeypatch.chdir(shipped.root)
+    (shipped.root / "strict.yaml").write_text(yaml.safe_dump(raw_params(max_accuracy_drop=0.0)))
+    quantized = shipped.root / "strict" / "quantized"
+    (quantized / INT8_FILE).parent.mkdir(parents=True)
+    (quantized / INT8_FILE).write_text("stale")  # a previous run's file must not survive a rejection
+    result = CliRunner().invoke(export_command, [
+        "--params", "strict.yaml", "--processed", str(shipped.processed), "--out", "strict/classifier.onnx",
+        "--quantized-dir", str(quantized), "--metrics", "strict/export.json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((shipped.root / "strict" / "export.json").read_text())
+    gate = json.loads((quantized / GATE_FILE).read_text())
+    assert gate["decision"] == ("kept" if gate["int8_accuracy"] >= gate["fp32_accuracy"] else "rejected")
+    assert (quantized / INT8_FILE).exists() == (gate["decision"] == "kept") == metrics["int8"]["kept"]
+    if metrics["int8"]["kept"]:
+        assert sha256_file(quantized / INT8_FILE) == metrics["int8"]["sha256"]
+    assert gate["int8_accuracy"] == shipped.summary["int8"]["int8_accuracy"]  # deterministic calibration
+    assert metrics["fp32"]["sha256"] == shipped.summary["fp32"]["sha256"]  # same champion, same bytes
+    assert f"int8: {gate['decision']}" in result.output
+
+
+def test_missing_champion_names_the_model_and_the_alias(shipped, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{shipped.root / 'mlflow.db'}")
+    with pytest.raises(ExportError, match=r"'no-such-model' has no version with alias 'champion'"):
+        load_champion("no-such-model")
+    client().create_registered_model("unaliased")
+    with pytest.raises(ExportError, match=r"'unaliased' has no version with alias 'champion'"):
+        load_champion("unaliased")

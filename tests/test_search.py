@@ -1,0 +1,119 @@
+"""search / evaluate / ablation on the built-in tiny SD model: real adapters, real generation, real MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import mlflow
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import make_processed
+
+from stablesdg.ablation import VARIANTS, ablation_command
+from stablesdg.adaptation import adapt_class
+from stablesdg.config import load_params
+from stablesdg.generation import generate_class
+from stablesdg.metrics import train_feature_net
+from stablesdg.search import evaluate_command, search_command
+
+CLASSES = ["crazing", "scratches"]
+RAW = {
+    "seed": 3,
+    "data": {"image_size": 48},
+    "classes": {"crazing": {"initializer": "crack"}, "scratches": {"initializer": "line"}},
+    "model": {"resolution": 32},
+    "adapt": {"embedding": {"steps": 4, "batch_size": 2, "learning_rate": 0.05},
+              "lora": {"steps": 4, "batch_size": 2, "rank": 2, "alpha": 2.0}, "checkpoint_every": 4},
+    "generate": {"per_class": 4, "batch_size": 4, "steps": 4, "strength": 0.6},
+    "search": {"strength": [0.4, 0.8], "guidance_scale": [3.0], "steps": [4], "images_per_trial": 3,
+               "refine": True, "refine_rounds": 1},
+    "metrics": {"offline_epochs": 2, "offline_feature_dim": 8, "kid_subsets": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Processed data, the params file, trained adapters for both classes and the offline feature net."""
+    root = tmp_path_factory.mktemp("search")
+    processed = make_processed(root, CLASSES, per_class=8, size=48, k_shot=3)
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump({**RAW, "metrics": {**RAW["metrics"], "cache_dir": str(root / "cache")}}))
+    params = load_params(params_file)
+    for cls in CLASSES:
+        adapt_class(params, cls, processed, root / "adapters", root / "reports", checkpoint_root=root / "ckpt",
+                    track=False)
+    train_feature_net(params, processed, root / "fn")
+    return {"root": root, "processed": processed, "params_file": params_file, "params": params}
+
+
+def invoke(command, args: list) -> str:
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result.output
+
+
+def test_search_writes_every_trial_the_best_and_the_plot(world, mlflow_store, tmp_path):
+    root = world["root"]
+    invoke(search_command, ["--class", "crazing", "--params", world["params_file"], "--processed",
+                            world["processed"], "--adapters", root / "adapters", "--features", root / "fn",
+                            "--out", tmp_path / "search"])
+    summary = json.loads((tmp_path / "search" / "crazing.json").read_text())
+    trials = summary["trials"]
+    assert summary["feature_net"] == "offline" and summary["metric"] == "fid_offline"
+    assert [t["stage"] for t in trials][:2] == ["grid", "grid"] and len(trials) == 4, trials  # 2 grid + 2 refine
+    assert all(math.isfinite(t["fid_offline"]) and t["seconds"] > 0 for t in trials)
+    best = min(trials, key=lambda t: t["fid_offline"])
+    assert summary["best"] == {k: best[k] for k in ("strength", "guidance_scale", "steps", "fid_offline",
+                                                     "kid_offline_mean")}
+    rows = list(csv.reader((tmp_path / "search" / "crazing_fid_vs_strength.csv").open()))
+    assert rows[0] == ["strength", "fid"]
+    assert sorted(float(r[0]) for r in rows[1:]) == sorted({t["strength"] for t in trials})
+    assert (tmp_path / "search" / "crazing_fid_vs_strength.png").stat().st_size > 0
+
+    runs = mlflow.search_runs(experiment_names=["stablesdg"], output_format="list")
+    parent = next(r for r in runs if r.info.run_name == "search-crazing")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(trials)
+    assert all({"strength", "guidance_scale", "steps"} <= set(c.data.params) and "fid_offline" in c.data.metrics
+               for c in children)
+    assert parent.data.metrics["best_fid_offline"] == pytest.approx(best["fid_offline"])
+
+
+def test_evaluate_writes_the_exact_metrics_shape(world, mlflow_store, tmp_path):
+    root, params = world["root"], world["params"]
+    for cls in CLASSES:
+        generate_class(params, cls, world["processed"], root / "adapters" / cls, tmp_path / "synthetic" / cls,
+                       tmp_path / "no-search" / f"{cls}.json")
+    invoke(evaluate_command, ["--params", world["params_file"], "--processed", world["processed"], "--synthetic",
+                              tmp_path / "synthetic", "--features", root / "fn", "--metrics",
+                              tmp_path / "metrics" / "fid.json", "--grids", tmp_path / "grids"])
+    result = json.loads((tmp_path / "metrics" / "fid.json").read_text())
+    assert list(result) == ["feature_net", "per_class", "mean"] and result["feature_net"] == "offline"
+    assert list(result["per_class"]) == CLASSES
+    for rec in result["per_class"].values():
+        assert set(rec) == {"fid_offline", "kid_offline_mean", "kid_offline_std", "n_real", "n_synthetic"}
+        assert rec["n_real"] == 3 and rec["n_synthetic"] == 4 and math.isfinite(rec["fid_offline"])
+    assert set(result["mean"]) == {"fid_offline", "kid_offline_mean"}
+    fids = [r["fid_offline"] for r in result["per_class"].values()]
+    assert result["mean"]["fid_offline"] == pytest.approx(sum(fids) / len(fids))
+    assert all((tmp_path / "grids" / f"{cls}.png").exists() for cls in CLASSES)
+    run = mlflow.search_runs(experiment_names=["stablesdg"], output_format="list")[0]
+    assert "grids" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+
+
+def test_ablation_scores_every_variant(world, mlflow_store, tmp_path):
+    root = world["root"]
+    output = invoke(ablation_command, ["--params", world["params_file"], "--processed", world["processed"],
+                                       "--classes", "crazing", "--images", 3, "--adapt-steps", 2, "--steps", 4,
+                                       "--features", root / "fn", "--search", tmp_path / "none",
+                                       "--out", tmp_path / "reports"])
+    result = json.loads((tmp_path / "reports" / "ablation.json").read_text())
+    assert [r["id"] for r in result["rows"]] == [v.id for v in VARIANTS]
+    assert all(math.isfinite(r["crazing"]) and r["mean"] == r["crazing"] for r in result["rows"])
+    assert result["adapt_steps"] == {"embedding": 2, "lora": 2}
+    table = (tmp_path / "reports" / "ablation.md").read_text()
+    assert "| variant | crazing | mean |" in table and all(v.label in table for v in VARIANTS)
+    assert "fid_offline" in output
