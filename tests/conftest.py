@@ -17,10 +17,15 @@ VENV_BIN = str(Path(sys.executable).parent)
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh sqlite tracking + registry store; artifacts under the same tmp dir."""
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # default artifact root (./mlruns) lands in tmp too
-    return uri
+    # mlflow.set_tracking_uri is process-global: an earlier test's store must not leak into this one.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -151,7 +151,7 @@ def test_parity_check_fails_when_onnx_and_torch_disagree(shipped):
 
 
 def test_failed_parity_leaves_no_model_behind(shipped):
-    params = parse_params(raw_params(parity_atol=0.0))  # ORT and torch never agree to the last bit
+    params = parse_params(raw_params(parity_atol=0.0, parity_rtol=0.0))  # ORT and torch never agree to the bit
     out = shipped.root / "zero-tolerance" / "classifier.onnx"
     with pytest.raises(ExportError, match=r"parity failed on 21 test images: max \|logit diff\|"):
         export_champion(params, shipped.processed, out, out.parent / "quantized", log_to_mlflow=False)

@@ -7,6 +7,10 @@ that stock `load_textual_inversion` / `load_lora_weights` read.
 Every random draw of step `s` (images, augmentation, prompt, noise, timestep) comes from a generator seeded with
 (seed, class, stage, s). A run resumed from a checkpoint therefore replays exactly the steps an uninterrupted run
 would have made.
+
+Several GPUs: `accelerate launch --num_processes N -m stablesdg.cli adapt --class C` runs N data-parallel
+replicas (each draws its own batch, gradients are averaged, so the effective batch is N x batch_size); only the
+main process writes checkpoints, adapter files and MLflow records.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import click
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
+from accelerate.utils import gather, reduce
 from PIL import Image
 from tqdm import tqdm
 
@@ -150,28 +156,63 @@ def enable_cuda_speedups(pipe, params: Params, device: str) -> None:
         pipe.text_encoder.gradient_checkpointing_enable()
 
 
+def process_state() -> PartialState:
+    """Accelerate's process state: one process normally, N data-parallel ones under `accelerate launch`.
+
+    Without CUDA, `cpu=True` lets the processes form a gloo group instead of each running alone.
+    """
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def average_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Data parallelism: every process steps with the mean gradient, so all replicas stay identical."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.copy_(reduce(p.grad, "mean"))
+
+
+def check_replicas_in_sync(pipe) -> None:
+    """All processes must end with the same trainable weights; a mismatch means gradients were not averaged."""
+    checksum = torch.stack([p.detach().double().sum() for p in trainable_state(pipe).values()]).sum()
+    every = gather(checksum.reshape(1).to(pipe.unet.device))
+    if not torch.allclose(every, every[0].expand_as(every), rtol=0, atol=1e-9):
+        raise RuntimeError(f"adaptation replicas diverged: per-process weight checksums {every.tolist()}")
+
+
+def rank_parts(dist) -> tuple:
+    """Seed parts that give each process its own batch; empty for one process, so its seeds never change."""
+    return (f"rank{dist.process_index}",) if dist.num_processes > 1 else ()
+
+
 def training_steps(pipe, data: ClassData, params: Params, stage: str, batch_size: int, state: TrainState,
                    optimizer: torch.optim.Optimizer, until: int,
                    after_step: Callable[[], None] | None = None) -> Iterator[float]:
     """The shared diffusion-loss loop; each step's randomness comes from (seed, class, stage, step) alone."""
     device = str(pipe.unet.device)
     dtype = autocast_dtype(params, device)
+    dist = process_state()
     # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     while state.step < until:
-        gen = torch.Generator().manual_seed(derive_seed(params.seed, data.name, stage, state.step))
+        gen = torch.Generator().manual_seed(derive_seed(params.seed, data.name, stage, state.step, *rank_parts(dist)))
         pixels = sample_batch(data, params, batch_size, gen)
         ids = prompt_ids(pipe, data, params.adapt.prompt_templates, batch_size, gen)
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             loss = diffusion_loss(pipe, pixels, ids, gen)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if dist.num_processes > 1:
+            average_gradients(optimizer)
+            loss = reduce(loss.detach(), "mean")
         scaler.step(optimizer)
         scaler.update()
         if after_step is not None:
             after_step()
         state.step += 1
         yield loss.item()
+
+
 
 
 def embedding_steps(pipe, data: ClassData, params: Params, token_id: int, state: TrainState,
@@ -265,6 +306,8 @@ def fingerprint(params: Params, data: ClassData) -> str:
         "seed": params.seed, "model": asdict(params.model), "adapt": asdict(params.adapt),
         "class": asdict(params.class_config(data.name)), "files": [sha256_file(f) for f in data.files],
     }
+    if process_state().num_processes > 1:  # N replicas make an N-times larger batch: not the same run
+        parts["num_processes"] = process_state().num_processes
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -336,8 +379,13 @@ class AdaptRun:
             resume = ckpt if ckpt and ckpt["stage"] == stage else None
             if not self._run_stage(pipe, stage, token_id, resume, fp, budget):
                 return None
+        dist = process_state()
+        if dist.num_processes > 1:
+            check_replicas_in_sync(pipe)
+        if not dist.is_main_process:
+            return None
         hashes = save_adapter(pipe, self.data, token_id, self.params, self.out_dir)
-        return self._record(hashes)
+        return self._record(hashes, dist.num_processes)
 
     def _optimizer(self, pipe, stage: str) -> torch.optim.Optimizer:
         if stage == "embedding":
@@ -371,17 +419,18 @@ class AdaptRun:
             bar.set_postfix(loss=f"{loss:.4f}")
             if self.on_step:
                 self.on_step(stage, state.step, loss)
-            if state.step % self.params.adapt.checkpoint_every == 0 or state.step == total:
+            at_checkpoint = state.step % self.params.adapt.checkpoint_every == 0 or state.step == total
+            if at_checkpoint and process_state().is_main_process:
                 save_checkpoint(ckpt_path, pipe, optimizer, state, fp, self.losses)
             if budget[0] is not None:
                 budget[0] -= 1
                 if budget[0] <= 0 and state.step < total:
                     return False
-        if stage == "embedding":  # hand the finished row to stage 2 (whose optimizer starts fresh)
+        if stage == "embedding" and process_state().is_main_process:  # hand the row to stage 2 (fresh optimizer)
             save_checkpoint(ckpt_path, pipe, None, TrainState("lora"), fp, self.losses)
         return True
 
-    def _record(self, hashes: dict[str, str]) -> dict:
+    def _record(self, hashes: dict[str, str], num_processes: int) -> dict:
         from .diffusion import base_model_record
 
         final = {stage: next((loss for _, s, loss in reversed(self.losses) if s == stage), None)
@@ -392,6 +441,7 @@ class AdaptRun:
             "embedding_steps": self.steps_for("embedding") if "embedding" in self.stages else 0,
             "lora_steps": self.steps_for("lora") if "lora" in self.stages else 0,
             "lora_rank": self.params.adapt.lora.rank, "lora_alpha": self.params.adapt.lora.alpha,
+            "num_processes": num_processes,
             "train_images": [f.name for f in self.data.files], "final_loss": final, "sha256": hashes,
         }
         write_json(self.out_dir / "adapter.json", record)
@@ -426,16 +476,27 @@ def adapt_class(params: Params, cls: str, processed: Path, out_root: Path, repor
     from .diffusion import load_base_pipeline
 
     torch.manual_seed(params.seed)
-    device = pick_device(params.adapt.device)
-    pipe = load_base_pipeline(params.model, device)
+    dist = process_state()
+    # Under `accelerate launch` each process takes its own GPU (cuda:<local rank>).
+    device = str(dist.device) if dist.num_processes > 1 and params.adapt.device == "auto" else \
+        pick_device(params.adapt.device)
+    with dist.main_process_first():  # one process builds or downloads the base model, the others then read it
+        pipe = load_base_pipeline(params.model, device)
     enable_cuda_speedups(pipe, params, device)
     data = class_data(params, processed, cls)
     run = AdaptRun(params, data, out_root / cls, checkpoint_root / cls, device, max_steps_this_run, stages)
-    if not track:
-        return pipe, run.run(pipe)
+    inputs = [processed / "images" / cls]
+    record = tracked_run(run, pipe, reports, inputs) if track and dist.is_main_process else run.run(pipe)
+    dist.wait_for_everyone()
+    return pipe, record
+
+
+def tracked_run(run: AdaptRun, pipe, reports: Path, inputs: list[Path]) -> dict | None:
+    """`run` inside an MLflow run: per-step losses, the adapter files and a real-vs-generated grid."""
     from . import tracking
 
-    with tracking.stage_run("adapt", params, inputs=[processed / "images" / cls], run_name=f"adapt-{cls}",
+    cls = run.data.name
+    with tracking.stage_run("adapt", run.params, inputs=inputs, run_name=f"adapt-{cls}",
                             extra_tags={"class": cls}):
         import mlflow
 
@@ -443,9 +504,9 @@ def adapt_class(params: Params, cls: str, processed: Path, out_root: Path, repor
         record = run.run(pipe)
         if record:
             write_loss_csv(reports / f"{cls}_loss.csv", run.losses)
-            mlflow.log_artifacts(str(out_root / cls), artifact_path="adapter")
-            tracking.log_image(adapt_grid(pipe, params, data), f"grids/{cls}_real_vs_generated.png")
-    return pipe, record
+            mlflow.log_artifacts(str(run.out_dir), artifact_path="adapter")
+            tracking.log_image(adapt_grid(pipe, run.params, run.data), f"grids/{cls}_real_vs_generated.png")
+    return record
 
 
 def adapt_grid(pipe, params: Params, data: ClassData, n: int = 4) -> Image.Image:
@@ -474,5 +535,7 @@ def adapt_command(cls: str, params_path: str, processed: Path, out: Path, report
     params = load_or_exit(params_path)
     params.class_config(cls)
     _, record = adapt_class(params, cls, processed, out, reports)
+    if record is None:  # a non-main process under `accelerate launch`: the main one saved and reports
+        return
     click.echo(f"adapt {cls}: embedding loss {record['final_loss']['embedding']}, "
                f"lora loss {record['final_loss']['lora']} -> {out / cls}")

@@ -313,7 +313,7 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int, de
 
 def _train_epoch(model, opt, train: ImageSet, cfg: ClassifierConfig, spec, gen, device) -> float:
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     total, seen = 0.0, 0
     for idx in _batches(len(train), cfg.batch_size, gen):
         x = augment_batch(train.x[idx], spec, gen) if cfg.augment else train.x[idx]

@@ -168,6 +168,7 @@ class ClassifierConfig:
     schedule: str = choice("cosine", "step", "none", default="cosine")
     patience: int = bounded(5, 1, 10_000)
     synthetic_ratio: float = bounded(1.0, 0.0, 100.0)
+    label_smoothing: float = bounded(0.1, 0.0, 0.9)
     augment: bool = True
     primary_metric: str = choice("macro_f1", "accuracy", default="macro_f1")
     num_workers: int = bounded(0, 0, 64)
@@ -181,6 +182,7 @@ class ExportConfig:
     max_accuracy_drop: float = bounded(0.5, 0.0, 100.0)
     calibration_images: int = bounded(60, 1, 100_000)
     parity_atol: float = bounded(1e-4, 0.0, 1.0)
+    parity_rtol: float = bounded(1e-5, 0.0, 1.0)
 
 
 @dataclass

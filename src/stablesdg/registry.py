@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,9 +51,9 @@ class Registration:
 def client() -> MlflowClient:
     from mlflow import MlflowClient
 
-    from .tracking import tracking_uri
+    from .tracking import use_store
 
-    return MlflowClient(tracking_uri(), os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri())
+    return MlflowClient(*use_store())
 
 
 def alias_version(mlflow_client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -130,8 +129,9 @@ def version_tags(best: VariantResult, params: Params, splits: Splits, gain: dict
         "test_set_sha256": best.test_hash,
         "synthetic_sha256": run_tags.get("synthetic_sha256", "none"),
         "primary_metric": metric,
-        "test_accuracy": f"{best.evaluation.accuracy:.6f}",
-        "test_macro_f1": f"{best.evaluation.macro_f1:.6f}",
+        # repr: full precision, so a champion compared by its tag is compared exactly
+        "test_accuracy": repr(float(best.evaluation.accuracy)),
+        "test_macro_f1": repr(float(best.evaluation.macro_f1)),
         "gain_accuracy": "n/a" if gain is None else f"{gain['accuracy']:+.6f}",
         "gain_macro_f1": "n/a" if gain is None else f"{gain['macro_f1']:+.6f}",
         "mean_fid": "n/a" if fid is None else f"{fid:.4f}",
@@ -204,7 +204,7 @@ def register_best(params: Params, results: Sequence[VariantResult], splits: Spli
     tags["registration_decision"] = f"{alias}: {reason}"[:5000]
     mv = mlflow.register_model(best.model_uri, name, tags=tags)
     registration = Registration(name, str(mv.version), alias, best.variant, reason, metric, value,
-                                champion.version if champion else None, champion_value)
+                                str(champion.version) if champion else None, champion_value)
     mlflow_client.update_model_version(name, mv.version, describe(
         str(mv.version), best, results, registration, tags, splits.spec.class_names, run.info.experiment_id))
     if alias == CHAMPION and champion is not None:
@@ -229,7 +229,7 @@ def promote(mlflow_client: MlflowClient, name: str, version: str, reason: str) -
     mlflow_client.set_registered_model_alias(name, CHAMPION, version)
     mlflow_client.set_model_version_tag(name, version, "promotion_reason", f"{now()} {reason}")
     mlflow_client.set_model_version_tag(name, version, "promoted_from", old.version if old else "none")
-    return old.version if old else None
+    return str(old.version) if old else None
 
 
 def rollback(mlflow_client: MlflowClient, name: str, reason: str, to_version: str | None = None) -> tuple[str, str]:
@@ -252,17 +252,30 @@ def rollback(mlflow_client: MlflowClient, name: str, reason: str, to_version: st
     return str(current.version), str(to_version)
 
 
+def _rounded(tag: str | None) -> str:
+    try:
+        return f"{float(tag):.4f}"
+    except (TypeError, ValueError):
+        return tag or "?"
+
+
 def list_versions(mlflow_client: MlflowClient, name: str) -> list[dict[str, Any]]:
     versions = mlflow_client.search_model_versions(f"name='{name}'")
+    # Aliases by lookup: a server's search results do not always carry them.
+    aliases: dict[str, list[str]] = {}
+    for alias in (CHAMPION, CHALLENGER, PREVIOUS):
+        holder = alias_version(mlflow_client, name, alias)
+        if holder is not None:
+            aliases.setdefault(str(holder.version), []).append(alias)
     rows = []
     for mv in sorted(versions, key=lambda v: int(v.version)):
         rows.append({
             "version": str(mv.version),
-            "aliases": list(mv.aliases),
+            "aliases": aliases.get(str(mv.version), []),
             "variant": mv.tags.get("variant", "?"),
-            "test_accuracy": mv.tags.get("test_accuracy", "?"),
-            "test_macro_f1": mv.tags.get("test_macro_f1", "?"),
-            "gain_macro_f1": mv.tags.get("gain_macro_f1", "?"),
+            "test_accuracy": _rounded(mv.tags.get("test_accuracy")),
+            "test_macro_f1": _rounded(mv.tags.get("test_macro_f1")),
+            "gain_macro_f1": _rounded(mv.tags.get("gain_macro_f1")),
             "test_set": mv.tags.get("test_set_sha256", "?")[:12],
             "run_id": mv.run_id,
         })

@@ -22,11 +22,26 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def use_store() -> tuple[str, str]:
+    """Point MLflow's process-global URIs at the one configured store; returns (tracking, registry) URI.
+
+    Fluent calls (`mlflow.pytorch.load_model("models:/...")`, artifact downloads) read those globals, so every
+    entry point sets them from MLFLOW_TRACKING_URI rather than trusting whatever an earlier caller left there.
+    The registry always lives in the tracking store (the sqlite file or the server): `mlflow.set_registry_uri`
+    writes MLFLOW_REGISTRY_URI into the environment, so reading that variable back would resurrect stale stores.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri, uri
+
+
 def configure(experiment: str) -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri())
+    use_store()
     mlflow.set_experiment(experiment)
 
 

@@ -1,0 +1,118 @@
+"""End to end: the whole `dvc repro` in a temporary git repo with small params (marked slow, ~10 min on 2 cores).
+
+What must hold: every stage runs and writes its declared outputs; a second `dvc repro` does nothing; a change to
+one class's params re-runs only that class's adapt/search/generate (plus what consumes all classes); a change
+to the classifier params re-runs only training and export; the champion is registered and exported to ONNX.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import mlflow
+import pytest
+import yaml
+from conftest import REPO_ROOT, make_project, run_cli
+
+pytestmark = pytest.mark.slow
+
+CLASSES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
+PER_CLASS_STAGES = ("adapt", "search", "generate")
+
+
+def _small_params() -> str:
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["data"].update({"image_size": 64, "k_shot": 4, "val_per_class": 4, "test_per_class": 6})
+    raw["data"]["demo"] = {"per_class": 14, "size": 64}
+    raw["model"]["resolution"] = 32
+    raw["adapt"]["embedding"]["steps"] = 4
+    raw["adapt"]["lora"]["steps"] = 4
+    raw["adapt"]["checkpoint_every"] = 2
+    raw["search"].update({"strength": [0.4, 0.7], "guidance_scale": [3.0], "steps": [4], "images_per_trial": 4,
+                          "refine": False})
+    raw["generate"].update({"per_class": 6, "steps": 4})
+    raw["metrics"]["offline_epochs"] = 3
+    raw["classifier"].update({"input_size": 64, "epochs": 3, "batch_size": 16})
+    raw["export"]["calibration_images"] = 12
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _set_param(root, dotted: str, value) -> None:
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("e2e"), _small_params())
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "STABLESDG_THREADS": "2"}
+    first = run_cli(["dvc", "repro"], root, env)
+    return root, env, first
+
+
+def test_full_repro_runs_every_stage_and_writes_outputs(project):
+    root, _, first = project
+    expected = {"demo", "ingest", "features", "evaluate", "train", "export"} | {
+        f"{stage}@{cls}" for stage in PER_CLASS_STAGES for cls in CLASSES}
+    assert _ran(first.stdout) == expected
+    for cls in CLASSES:
+        assert (root / f"models/adapters/{cls}/learned_embeds.safetensors").stat().st_size > 0
+        assert (root / f"models/adapters/{cls}/pytorch_lora_weights.safetensors").stat().st_size > 0
+        assert len(list((root / f"data/synthetic/{cls}").glob("*.png"))) == 6
+        trials = json.loads((root / f"reports/search/{cls}.json").read_text())["trials"]
+        assert len(trials) == 2
+    fid = json.loads((root / "metrics/fid.json").read_text())
+    assert set(fid["per_class"]) == set(CLASSES) and fid["mean"]["fid_offline"] >= 0
+    train = json.loads((root / "metrics/train.json").read_text())
+    assert 0.0 <= train["real_only"]["accuracy"] <= 1.0
+    assert train["real_only"]["test_set_sha256"] == train["real_plus_synthetic"]["test_set_sha256"]
+    export = json.loads((root / "metrics/export.json").read_text())
+    assert export["fp32"]["parity"]["top1_agreement"] == 1.0
+    assert (root / "models/classifier.onnx").stat().st_size > 10_000
+
+
+def test_second_repro_does_nothing(project):
+    root, env, _ = project
+    again = run_cli(["dvc", "repro"], root, env)
+    assert _ran(again.stdout) == set()
+    assert "up to date" in run_cli(["dvc", "status"], root, env).stdout
+
+
+def test_champion_registered_and_matches_exported_model(project):
+    root, env, _ = project
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias("steel-defect-classifier", "champion")
+    export = json.loads((root / "metrics/export.json").read_text())
+    assert str(export["model_version"]) == champion.version
+
+
+def test_one_class_param_change_reruns_only_that_class(project, tmp_path):
+    root, env, _ = project
+    clone = tmp_path / "clone"
+    shutil.copytree(root, clone, symlinks=True)
+    _set_param(clone, "classes.crazing", {"initializer": "crack", "lora_steps": 5})
+    out = run_cli(["dvc", "repro"], clone, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlflow.db'}"})
+    ran = _ran(out.stdout)
+    assert {f"{stage}@crazing" for stage in PER_CLASS_STAGES} <= ran
+    assert not {f"{stage}@{cls}" for stage in PER_CLASS_STAGES for cls in CLASSES if cls != "crazing"} & ran
+    assert not {"demo", "ingest", "features"} & ran
+
+
+def test_classifier_param_change_reruns_only_train_and_export(project, tmp_path):
+    root, env, _ = project
+    clone = tmp_path / "clone"
+    shutil.copytree(root, clone, symlinks=True)
+    _set_param(clone, "classifier.learning_rate", 0.002)
+    out = run_cli(["dvc", "repro"], clone, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlflow.db'}"})
+    assert _ran(out.stdout) == {"train", "export"}
