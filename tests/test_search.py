@@ -14,10 +14,10 @@ from conftest import make_processed
 
 from stablesdg.ablation import VARIANTS, ablation_command
 from stablesdg.adaptation import adapt_class
-from stablesdg.config import load_params
+from stablesdg.config import SearchConfig, load_params
 from stablesdg.generation import generate_class
 from stablesdg.metrics import train_feature_net
-from stablesdg.search import evaluate_command, search_command
+from stablesdg.search import Trial, evaluate_command, refine_trials, search_command
 
 CLASSES = ["crazing", "scratches"]
 RAW = {
@@ -117,3 +117,12 @@ def test_ablation_scores_every_variant(world, mlflow_store, tmp_path):
     table = (tmp_path / "reports" / "ablation.md").read_text()
     assert "| variant | crazing | mean |" in table and all(v.label in table for v in VARIANTS)
     assert "fid_offline" in output
+
+
+def test_refinement_halves_the_grid_spacing_and_keeps_guidance_at_least_one():
+    cfg = SearchConfig(strength=[0.3, 0.5, 0.7], guidance_scale=[3.0, 7.5], steps=[10])
+    best = Trial(0.5, 3.0, 10)
+    trials = refine_trials(cfg, best, {best}, 1)
+    assert trials == [Trial(0.4, 3.0, 10), Trial(0.6, 3.0, 10), Trial(0.5, 5.25, 10)]  # 3.0 - 2.25 < 1: dropped
+    assert refine_trials(cfg, Trial(0.7, 7.5, 10), set(), 2) == [
+        Trial(0.65, 7.5, 10), Trial(0.75, 7.5, 10), Trial(0.7, 6.375, 10), Trial(0.7, 8.625, 10)]

@@ -47,7 +47,8 @@ def refine_trials(cfg: SearchConfig, best: Trial, tried: set[Trial], round_no: i
     for s, g in ((best.strength - ds, best.guidance_scale), (best.strength + ds, best.guidance_scale),
                  (best.strength, best.guidance_scale - dg), (best.strength, best.guidance_scale + dg)):
         trial = Trial(round(s, 4), round(g, 4), best.steps)
-        if 0.0 < trial.strength <= 1.0 and trial.guidance_scale >= 0.0 and trial not in tried and trial not in out:
+        # guidance <= 1 switches classifier-free guidance off in diffusers: all such values are the same trial
+        if 0.0 < trial.strength <= 1.0 and trial.guidance_scale >= 1.0 and trial not in tried and trial not in out:
             out.append(trial)
     return out
 
