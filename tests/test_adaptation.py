@@ -248,3 +248,13 @@ def test_accelerate_launch_runs_data_parallel_adaptation(processed, tmp_path):
     assert record["sha256"] != single["sha256"], "two replicas average two batches: a different run"
     embeds = load_file(tmp_path / "adapters/crazing/learned_embeds.safetensors")
     assert list(embeds) == ["<crazing>"] and torch.isfinite(embeds["<crazing>"]).all()
+
+
+def test_records_name_project_folders_relative_to_the_project(tmp_path, monkeypatch):
+    from stablesdg.diffusion import portable_path
+
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(str(tmp_path / "models" / "base")) == "models/base"
+    assert portable_path("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert portable_path("/opt/elsewhere") == "/opt/elsewhere"

@@ -64,7 +64,7 @@ def test_search_writes_every_trial_the_best_and_the_plot(world, mlflow_store, tm
     trials = summary["trials"]
     assert summary["feature_net"] == "offline" and summary["metric"] == "fid_offline"
     assert [t["stage"] for t in trials][:2] == ["grid", "grid"] and len(trials) == 4, trials  # 2 grid + 2 refine
-    assert all(math.isfinite(t["fid_offline"]) and t["seconds"] > 0 for t in trials)
+    assert all(math.isfinite(t["fid_offline"]) and "seconds" not in t for t in trials)  # timings: MLflow only
     best = min(trials, key=lambda t: t["fid_offline"])
     assert summary["best"] == {k: best[k] for k in ("strength", "guidance_scale", "steps", "fid_offline",
                                                      "kid_offline_mean")}

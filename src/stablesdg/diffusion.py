@@ -213,4 +213,12 @@ def make_scheduler(name: str, config: dict):
 def base_model_record(model_cfg: ModelConfig) -> dict[str, str | None]:
     """What a manifest records about the base model: the id the user chose and what it resolved to."""
     source, revision = resolve_base_model(model_cfg)
-    return {"base_model": model_cfg.base, "base_model_path": source, "revision": revision}
+    return {"base_model": model_cfg.base, "base_model_path": portable_path(source), "revision": revision}
+
+
+def portable_path(path: str) -> str:
+    """A folder inside the project as a relative path, so records do not depend on where the clone lives."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:  # a hub id, or a folder outside the project
+        return path

@@ -139,7 +139,8 @@ def _summary(run: SearchRun, trials: list[dict]) -> dict:
         "mode": run.params.generate.mode, "scheduler": run.params.generate.scheduler,
         "best": {"strength": best["strength"], "guidance_scale": best["guidance_scale"], "steps": best["steps"],
                  keys["fid"]: best[keys["fid"]], keys["kid_mean"]: best[keys["kid_mean"]]},
-        "trials": trials,
+        # wall-clock seconds go to MLflow only: the report is a DVC output and must not change between equal runs
+        "trials": [{k: v for k, v in t.items() if k != "seconds"} for t in trials],
     }
 
 
