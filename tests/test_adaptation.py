@@ -258,3 +258,21 @@ def test_records_name_project_folders_relative_to_the_project(tmp_path, monkeypa
     assert portable_path(str(tmp_path / "models" / "base")) == "models/base"
     assert portable_path("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert portable_path("/opt/elsewhere") == "/opt/elsewhere"
+
+
+def test_lora_file_header_is_canonical(tmp_path):
+    """safetensors writes its metadata map in per-process hash order; the saved file must not depend on it."""
+    from safetensors.torch import save_file
+
+    from stablesdg.adaptation import canonical_safetensors_header
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4)}
+    variants = []
+    for i, meta in enumerate(({"x": "1", "y": "2", "z": "3"}, {"z": "3", "x": "1", "y": "2"})):
+        path = tmp_path / f"{i}.safetensors"
+        save_file(tensors, path, metadata=meta)
+        canonical_safetensors_header(path)
+        variants.append(path.read_bytes())
+        loaded = load_file(path)
+        assert torch.equal(loaded["b"], tensors["b"]) and torch.equal(loaded["a"], tensors["a"])
+    assert variants[0] == variants[1]
