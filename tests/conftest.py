@@ -87,3 +87,19 @@ def make_processed(root: Path, classes: list[str], per_class: int = 8, size: int
     cfg = DataConfig(image_size=size, k_shot=k_shot, val_per_class=2, test_per_class=per_class - k_shot - 2)
     ingest(root / "raw", root / "processed", cfg, classes, seed)
     return root / "processed"
+
+
+def tiny_run_params(adapt_steps: int, checkpoint_every: int, generate: dict, **extra) -> dict:
+    """Raw params for the tiny model on two 48 px classes (crazing, scratches): what the adaptation and search
+    tests share; each adds its own generation settings and sections."""
+    return {
+        "seed": 3,
+        "data": {"image_size": 48},
+        "classes": {"crazing": {"initializer": "crack"}, "scratches": {"initializer": "line"}},
+        "model": {"resolution": 32},
+        "adapt": {"embedding": {"steps": adapt_steps, "batch_size": 2, "learning_rate": 0.05},
+                  "lora": {"steps": adapt_steps, "batch_size": 2, "rank": 2, "alpha": 2.0},
+                  "checkpoint_every": checkpoint_every},
+        "generate": generate,
+        **extra,
+    }

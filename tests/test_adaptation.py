@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_processed, run_cli
+from conftest import make_processed, run_cli, tiny_run_params
 from diffusers import StableDiffusionImg2ImgPipeline
 from safetensors.torch import load_file
 
@@ -29,15 +29,7 @@ CLASSES = ["crazing", "scratches"]
 
 
 def small_raw(**overrides) -> dict:
-    raw = {
-        "seed": 3,
-        "data": {"image_size": 48},
-        "classes": {"crazing": {"initializer": "crack"}, "scratches": {"initializer": "line"}},
-        "model": {"resolution": 32},
-        "adapt": {"embedding": {"steps": 6, "batch_size": 2, "learning_rate": 0.05},
-                  "lora": {"steps": 6, "batch_size": 2, "rank": 2, "alpha": 2.0}, "checkpoint_every": 2},
-        "generate": {"per_class": 5, "batch_size": 2, "steps": 4, "strength": 0.6, "use_search": False},
-    }
+    raw = tiny_run_params(6, 2, {"per_class": 5, "batch_size": 2, "steps": 4, "strength": 0.6, "use_search": False})
     for key, value in overrides.items():
         raw.setdefault(key, {}).update(value)
     return raw

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import make_processed
+from conftest import make_processed, tiny_run_params
 
 from stablesdg.ablation import VARIANTS, ablation_command
 from stablesdg.adaptation import adapt_class
@@ -20,18 +20,12 @@ from stablesdg.metrics import train_feature_net
 from stablesdg.search import Trial, evaluate_command, refine_trials, search_command
 
 CLASSES = ["crazing", "scratches"]
-RAW = {
-    "seed": 3,
-    "data": {"image_size": 48},
-    "classes": {"crazing": {"initializer": "crack"}, "scratches": {"initializer": "line"}},
-    "model": {"resolution": 32},
-    "adapt": {"embedding": {"steps": 4, "batch_size": 2, "learning_rate": 0.05},
-              "lora": {"steps": 4, "batch_size": 2, "rank": 2, "alpha": 2.0}, "checkpoint_every": 4},
-    "generate": {"per_class": 4, "batch_size": 4, "steps": 4, "strength": 0.6},
-    "search": {"strength": [0.4, 0.8], "guidance_scale": [3.0], "steps": [4], "images_per_trial": 3,
-               "refine": True, "refine_rounds": 1},
-    "metrics": {"offline_epochs": 2, "offline_feature_dim": 8, "kid_subsets": 5},
-}
+RAW = tiny_run_params(
+    4, 4, {"per_class": 4, "batch_size": 4, "steps": 4, "strength": 0.6},
+    search={"strength": [0.4, 0.8], "guidance_scale": [3.0], "steps": [4], "images_per_trial": 3,
+            "refine": True, "refine_rounds": 1},
+    metrics={"offline_epochs": 2, "offline_feature_dim": 8, "kid_subsets": 5},
+)
 
 
 @pytest.fixture(scope="module")
