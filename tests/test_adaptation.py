@@ -256,7 +256,7 @@ def test_lora_file_header_is_canonical(tmp_path):
     """safetensors writes its metadata map in per-process hash order; the saved file must not depend on it."""
     from safetensors.torch import save_file
 
-    from stablesdg.adaptation import canonical_safetensors_header
+    from stablesdg.utils import canonical_safetensors_header
 
     tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4)}
     variants = []

@@ -16,7 +16,9 @@ from stablesdg.classifier import (
     augment_batch,
     build_backbone,
     classification_metrics,
+    evaluate,
     load_splits,
+    load_weights,
     make_spec,
     run_training,
     sample_synthetic,
@@ -124,7 +126,7 @@ def test_training_is_deterministic_and_learns(data):
 def test_train_stage_compares_both_variants_on_the_same_test_set(data, mlflow_store, tmp_path):
     processed, synthetic = data
     params = classifier_params()
-    summary = run_training(params, processed, synthetic, tmp_path / "reports")
+    summary = run_training(params, processed, synthetic, tmp_path / "reports", weights_dir=tmp_path / "weights")
 
     real, augmented = summary["real_only"], summary["real_plus_synthetic"]
     n_test = 3 * (10 - 4 - 2)
@@ -155,10 +157,27 @@ def test_train_stage_compares_both_variants_on_the_same_test_set(data, mlflow_st
     assert champion.tags["variant"] == registered["variant"]
     assert "| accuracy |" in champion.description
 
+    # The DVC-versioned weights are the registered models: same test metrics, same logits as MLflow's copy.
+    test = load_splits(processed, synthetic, params).test
+    for variant in ("real_only", "real_plus_synthetic"):
+        model, spec = load_weights(tmp_path / "weights" / f"{variant}.safetensors")
+        assert spec.class_names == CLASSES and spec.input_size == (48, 48)
+        assert evaluate(model, test, len(CLASSES)).metric("accuracy") == pytest.approx(summary[variant]["accuracy"])
+    registered_model = mlflow.pytorch.load_model(f"models:/{params.tracking.registered_model}@{CHAMPION}").eval()
+    shipped, _ = load_weights(tmp_path / "weights" / f"{registered['variant']}.safetensors")
+    x = test.x[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(shipped(x), registered_model(x), rtol=0, atol=1e-6)
+
 
 def test_augmented_variant_is_skipped_with_a_reason_without_synthetic_images(data, mlflow_store, tmp_path):
     processed, _ = data
-    summary = run_training(classifier_params(epochs=1), processed, tmp_path / "none", tmp_path / "r", register=False)
+    stale = tmp_path / "w" / "real_plus_synthetic.safetensors"
+    stale.parent.mkdir()
+    stale.write_bytes(b"from an earlier run")
+    summary = run_training(classifier_params(epochs=1), processed, tmp_path / "none", tmp_path / "r", register=False,
+                           weights_dir=tmp_path / "w")
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["real_only.safetensors"]
     assert summary["real_plus_synthetic"]["skipped"] is True
     assert "no synthetic images" in summary["real_plus_synthetic"]["reason"]
     assert summary["gain"] is None

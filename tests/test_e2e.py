@@ -119,3 +119,17 @@ def test_classifier_param_change_reruns_only_train_and_export(project, tmp_path)
     _set_param(clone, "classifier.learning_rate", 0.002)
     out = run_cli(["dvc", "repro"], clone, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlflow.db'}"})
     assert _ran(out.stdout) == {"train", "export"}
+
+
+def test_fresh_clone_must_train_before_it_exports(project, tmp_path):
+    """A clone carries the committed lock, metrics and reports but neither the DVC cache nor the MLflow store.
+    `train` must be due there (its weights are a cached output): were it up to date, `dvc repro` would skip it
+    and `export` would find no champion in the clone's empty registry."""
+    root, env, _ = project
+    run_cli(["git", "add", "-A"], root)
+    run_cli(["git", "commit", "-qm", "pipeline results"], root)
+    clone = tmp_path / "fresh"
+    run_cli(["git", "clone", "-q", str(root), str(clone)], tmp_path)
+    assert (clone / "metrics/train.json").exists() and not (clone / "models/classifier").exists()
+    status = run_cli(["dvc", "status", "train"], clone, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{clone}/m.db"})
+    assert "train:" in status.stdout and "models/classifier" in status.stdout

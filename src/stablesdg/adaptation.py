@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import Params
-from .utils import derive_seed, pick_device, sha256_file, write_json
+from .utils import canonical_safetensors_header, derive_seed, pick_device, sha256_file, write_json
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -296,19 +296,6 @@ def save_adapter(pipe, data: ClassData, token_id: int, params: Params, out_dir: 
     )
     canonical_safetensors_header(out_dir / LORA_FILE)
     return {EMBEDS_FILE: sha256_file(out_dir / EMBEDS_FILE), LORA_FILE: sha256_file(out_dir / LORA_FILE)}
-
-
-def canonical_safetensors_header(path: Path) -> None:
-    """Rewrite the header with sorted `__metadata__` keys: safetensors writes that map in hash order, which
-    changes from process to process, so equal weights would otherwise give unequal bytes (and DVC hashes)."""
-    raw = path.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size])
-    meta = header.pop("__metadata__", None)
-    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
-    text = json.dumps(ordered, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # keep the tensor data 8-byte aligned, as safetensors does
-    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
 
 
 # --------------------------------------------------------------------------------------- checkpoints

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,16 @@ from tqdm import tqdm
 
 from .config import ClassifierConfig, Params
 from .preprocess import PreprocessSpec, preprocess_image
-from .utils import derive_seed, pick_device, read_json, seed_everything, sha256_file, sha256_tree, write_json
+from .utils import (
+    canonical_safetensors_header,
+    derive_seed,
+    pick_device,
+    read_json,
+    seed_everything,
+    sha256_file,
+    sha256_tree,
+    write_json,
+)
 
 BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
 VARIANTS = ("real_only", "real_plus_synthetic")
@@ -501,6 +511,31 @@ def log_classifier(model: nn.Module, spec: PreprocessSpec) -> str:
     return info.model_uri
 
 
+def save_weights(model: nn.Module, spec: PreprocessSpec, backbone: str, path: Path) -> Path:
+    """The trained weights as a DVC-versioned safetensors file (MLflow keeps its own copy): it makes `train` a
+    stage with a cached output, so a fresh clone trains (and registers) instead of trusting an empty registry."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"backbone": backbone, "preprocess": json.dumps(spec.to_dict())})
+    canonical_safetensors_header(path)
+    return path
+
+
+def load_weights(path: Path) -> tuple[nn.Module, PreprocessSpec]:
+    """The model and preprocess spec `save_weights` wrote (eval mode, CPU)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    spec = PreprocessSpec.from_dict(json.loads(meta["preprocess"]))
+    model = build_backbone(meta["backbone"], len(spec.class_names))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval(), spec
+
+
 def _log_evaluation(evaluation: Evaluation, spec: PreprocessSpec, test: ImageSet, variant: str,
                     reports_dir: Path) -> None:
     import mlflow
@@ -522,7 +557,7 @@ def _log_evaluation(evaluation: Evaluation, spec: PreprocessSpec, test: ImageSet
 
 
 def train_variant(variant: str, splits: Splits, params: Params, inputs: Sequence[Path],
-                  reports_dir: Path) -> VariantResult:
+                  reports_dir: Path, weights_dir: Path | None = None) -> VariantResult:
     """Train, evaluate on the real test set and log one variant as a nested MLflow run."""
     import mlflow
 
@@ -548,6 +583,8 @@ def train_variant(variant: str, splits: Splits, params: Params, inputs: Sequence
                             splits.spec.class_names)
         mlflow.log_artifact(str(reports_dir / f"history_{variant}.csv"))
         model_uri = log_classifier(result.model, splits.spec)
+        if weights_dir is not None:
+            save_weights(result.model, splits.spec, params.classifier.backbone, weights_dir / f"{variant}.safetensors")
     return VariantResult(variant, evaluation, result, run.info.run_id, model_uri, test_hash,
                          len(splits.train), len(synthetic) if synthetic else 0)
 
@@ -557,7 +594,7 @@ def gain(augmented: VariantResult, baseline: VariantResult) -> dict[str, float]:
 
 
 def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, reports_dir: Path,
-                 fid_file: Path | None = None, register: bool = True) -> dict:
+                 fid_file: Path | None = None, register: bool = True, weights_dir: Path | None = None) -> dict:
     """Both variants, their comparison, `metrics/train.json` content and (optionally) the registry step."""
     import mlflow
 
@@ -565,18 +602,21 @@ def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, repor
 
     splits = load_splits(processed_dir, synthetic_dir, params)
     inputs = [processed_dir, synthetic_dir]
+    for stale in (weights_dir / f"{v}.safetensors" for v in VARIANTS) if weights_dir else ():
+        stale.unlink(missing_ok=True)  # a skipped variant must not leave an older run's weights behind
     summary: dict = {"primary_metric": params.classifier.primary_metric, "test_set_sha256": splits.test_hash,
                      "backbone": params.classifier.backbone, "input_size": params.classifier.input_size}
     extra = {"test_set_sha256": splits.test_hash, "synthetic_sha256": _synthetic_hash(synthetic_dir)}
     with tracking.stage_run("train", params, inputs, run_name="train", extra_tags=extra) as parent:
-        results = {"real_only": train_variant("real_only", splits, params, inputs, reports_dir)}
+        results = {"real_only": train_variant("real_only", splits, params, inputs, reports_dir, weights_dir)}
         summary["real_only"] = results["real_only"].summary(splits.spec.class_names)
         if splits.synthetic is None:
             click.echo(f"train: real_plus_synthetic skipped: {splits.skip_reason}")
             summary["real_plus_synthetic"] = {"skipped": True, "reason": splits.skip_reason}
             summary["gain"] = None
         else:
-            results["real_plus_synthetic"] = train_variant("real_plus_synthetic", splits, params, inputs, reports_dir)
+            results["real_plus_synthetic"] = train_variant("real_plus_synthetic", splits, params, inputs, reports_dir,
+                                                          weights_dir)
             summary["real_plus_synthetic"] = results["real_plus_synthetic"].summary(splits.spec.class_names)
             summary["gain"] = gain(results["real_plus_synthetic"], results["real_only"])
             mlflow.log_metrics({f"gain_{k}": v for k, v in summary["gain"].items()})
@@ -615,16 +655,19 @@ def mean_fid(fid_file: Path | None) -> float | None:
 @click.option("--metrics", "metrics_file", default="metrics/train.json", show_default=True,
               type=click.Path(dir_okay=False))
 @click.option("--reports", default="reports/train", show_default=True, type=click.Path(file_okay=False))
+@click.option("--weights", "weights_dir", default="models/classifier", show_default=True,
+              type=click.Path(file_okay=False), help="Where each variant's trained weights are written.")
 @click.option("--register/--no-register", default=True, show_default=True,
               help="Register the better variant in the MLflow model registry.")
 def train_command(params_path: str, processed: str, synthetic: str, fid_file: str, metrics_file: str,
-                  reports: str, register: bool) -> None:
+                  reports: str, weights_dir: str, register: bool) -> None:
     """Train the real-only baseline and the real+synthetic classifier; compare them on the real test set."""
     from .cli import load_or_exit
 
     params = load_or_exit(params_path)
     try:
-        summary = run_training(params, Path(processed), Path(synthetic), Path(reports), Path(fid_file), register)
+        summary = run_training(params, Path(processed), Path(synthetic), Path(reports), Path(fid_file), register,
+                               Path(weights_dir))
     except PretrainedWeightsError as err:
         raise click.ClickException(str(err)) from None
     write_json(metrics_file, summary)

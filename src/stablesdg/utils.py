@@ -69,3 +69,16 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def canonical_safetensors_header(path: Path) -> None:
+    """Rewrite the header with sorted `__metadata__` keys: safetensors writes that map in hash order, which
+    changes from process to process, so equal weights would otherwise give unequal bytes (and DVC hashes)."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the tensor data 8-byte aligned, as safetensors does
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
