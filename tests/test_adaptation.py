@@ -163,6 +163,27 @@ def test_strength_near_zero_returns_source_and_one_ignores_it(adapted, processed
     assert not np.array_equal(np.asarray(partial[0]), np.asarray(partial[1]))
 
 
+def test_generation_resolution_overrides_the_model_resolution(adapted, processed, tmp_path):
+    """`generate.resolution` renders above the adaptation resolution (32 here) and keeps the source's detail."""
+    import dataclasses
+
+    from PIL import Image
+
+    params, pipe, _, root = adapted
+    at48 = dataclasses.replace(params, generate=dataclasses.replace(params.generate, resolution=48))
+    sources = sorted((processed / "images" / "crazing").glob("*.png"))[:2]
+    kept = render(pipe, at48, "crazing", sources, strength=0.01, guidance_scale=4.0, steps=10, seeds=[5, 5])
+    for img, src in zip(kept, sources, strict=True):
+        assert np.array_equal(np.asarray(img), np.asarray(Image.open(src).convert("L")))  # no 32 px round trip
+    low = render(pipe, params, "crazing", sources, strength=0.5, guidance_scale=4.0, steps=4, seeds=[5, 5])
+    high = render(pipe, at48, "crazing", sources, strength=0.5, guidance_scale=4.0, steps=4, seeds=[5, 5])
+    assert high[0].size == low[0].size == (48, 48)
+    assert not np.array_equal(np.asarray(high[0]), np.asarray(low[0]))
+    made = generate_class(at48, "crazing", processed, root / "adapters" / "crazing", tmp_path / "g", tmp_path / "x")
+    assert made["resolution"] == 48
+    assert json.loads((tmp_path / "g" / "manifest.json").read_text())["resolution"] == 48
+
+
 def test_generation_same_seed_same_bytes_and_resume_equals_straight(adapted, processed, tmp_path):
     params, _, _, root = adapted
     adapter = root / "adapters" / "crazing"

@@ -32,7 +32,7 @@ def _small_params() -> str:
     raw["adapt"]["checkpoint_every"] = 2
     raw["search"].update({"strength": [0.4, 0.7], "guidance_scale": [3.0], "steps": [4], "images_per_trial": 4,
                           "refine": False})
-    raw["generate"].update({"per_class": 6, "steps": 4})
+    raw["generate"].update({"per_class": 6, "steps": 4, "resolution": 48})
     raw["metrics"]["offline_epochs"] = 3
     raw["classifier"].update({"input_size": 64, "epochs": 3, "batch_size": 16})
     raw["export"]["calibration_images"] = 12

@@ -127,6 +127,9 @@ class GenerateConfig:
     use_search: bool = True
     batch_size: int = bounded(8, 1, 1024)
     device: str = "auto"
+    # Denoising resolution; null = model.resolution. The U-Net and VAE are convolutional, so a small prior can
+    # render at the classifier's scale and keep structures that a smaller render would erase.
+    resolution: int | None = bounded(None, 32, 2048)
 
 
 @dataclass

@@ -51,6 +51,10 @@ def load_adapted_pipeline(params: Params, cls: str, adapter_dir: Path, device: s
     return pipe
 
 
+def generation_resolution(params: Params) -> int:
+    return params.generate.resolution or params.model.resolution
+
+
 def _to_model_input(path: Path, resolution: int) -> Image.Image:
     with Image.open(path) as img:
         return img.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
@@ -94,7 +98,7 @@ def render(pipe, params: Params, cls: str, sources: list[Path], strength: float,
     bs = params.generate.batch_size
     for i in range(0, len(sources), bs):
         out += generate_batch(pipe, prompt, sources[i:i + bs], settings, seeds[i:i + bs],
-                              params.model.resolution, params.data.image_size, params.data.color_mode)
+                              generation_resolution(params), params.data.image_size, params.data.color_mode)
     return out
 
 
@@ -124,7 +128,7 @@ def fingerprint(params: Params, settings: Settings, adapter_hashes: dict, source
     parts = {
         "seed": params.seed, "settings": asdict(settings), "base": base_model_record(params.model),
         "adapter": adapter_hashes, "sources": [sha256_file(p) for p in sources],
-        "resolution": params.model.resolution, "size": params.data.image_size, "mode": params.data.color_mode,
+        "resolution": generation_resolution(params), "size": params.data.image_size, "mode": params.data.color_mode,
         "placeholder": params.model.placeholder, "batch": params.generate.batch_size,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -157,7 +161,8 @@ def generate_class(params: Params, cls: str, processed: Path, adapter_dir: Path,
         stray.unlink()
     items = plan(params, cls, sources, params.generate.per_class)
     header = {"class": cls, "fingerprint": fp, "settings": asdict(settings), "settings_from": origin,
-              **base_model_record(params.model), "adapter_sha256": adapter["sha256"],
+              **base_model_record(params.model), "resolution": generation_resolution(params),
+              "adapter_sha256": adapter["sha256"],
               "prompt": PROMPT.format(adapter["placeholder"])}
     by_name = {p.name: p for p in sources}
     bs = params.generate.batch_size
@@ -169,7 +174,7 @@ def generate_class(params: Params, cls: str, processed: Path, adapter_dir: Path,
         if stop_after_batches is not None and done >= stop_after_batches:
             break
         images = generate_batch(pipe, header["prompt"], [by_name[it["source"]] for it in batch], settings,
-                                [it["seed"] for it in batch], params.model.resolution, params.data.image_size,
+                                [it["seed"] for it in batch], generation_resolution(params), params.data.image_size,
                                 params.data.color_mode)
         for it, img in zip(batch, images, strict=True):
             img.save(out_dir / it["file"])
