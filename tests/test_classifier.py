@@ -181,3 +181,24 @@ def test_augmented_variant_is_skipped_with_a_reason_without_synthetic_images(dat
     assert summary["real_plus_synthetic"]["skipped"] is True
     assert "no synthetic images" in summary["real_plus_synthetic"]["reason"]
     assert summary["gain"] is None
+
+
+def test_repeats_retrain_both_variants_with_consecutive_seeds(data, mlflow_store, tmp_path):
+    processed, synthetic = data
+    params = classifier_params(epochs=2, repeats=3)
+    summary = run_training(params, processed, synthetic, tmp_path / "r", register=False)
+    rep = summary["repeats"]
+    assert rep["seeds"] == [5, 6, 7]
+    for variant in ("real_only", "real_plus_synthetic"):
+        assert rep[variant]["macro_f1"][0] == pytest.approx(summary[variant]["macro_f1"])
+        assert len(rep[variant]["accuracy"]) == 3
+    gains = np.subtract(rep["real_plus_synthetic"]["macro_f1"], rep["real_only"]["macro_f1"])
+    assert rep["gain_macro_f1_mean"] == pytest.approx(gains.mean())
+    assert rep["gain_macro_f1_std"] == pytest.approx(gains.std(ddof=1))
+    # Seed 7's real-only number is what a direct training with seed 7 gives.
+    splits = load_splits(processed, synthetic, params)
+    direct = train_classifier(splits.train, splits.val, splits.spec, params.classifier, 7)
+    assert evaluate(direct.model, splits.test, len(CLASSES)).macro_f1 == pytest.approx(rep["real_only"]["macro_f1"][2])
+    parent = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+              if "variant" not in r.data.tags]
+    assert parent[0].data.metrics["gain_macro_f1_mean"] == pytest.approx(rep["gain_macro_f1_mean"])

@@ -589,6 +589,28 @@ def train_variant(variant: str, splits: Splits, params: Params, inputs: Sequence
                          len(splits.train), len(synthetic) if synthetic else 0)
 
 
+def repeated_gain(splits: Splits, params: Params, first: dict[str, Evaluation]) -> dict:
+    """Both variants retrained with `classifier.repeats - 1` more seeds: per-seed test metrics, and the gain's
+    mean and sample standard deviation, so a reviewer sees whether the gain is larger than seed noise."""
+    cfg, names = params.classifier, ("accuracy", "macro_f1")
+    seeds = [params.seed + r for r in range(cfg.repeats)]
+    per_seed = {variant: [first[variant]] for variant in VARIANTS}
+    for seed in seeds[1:]:
+        for variant in VARIANTS:
+            train = combine(splits.train, splits.synthetic if variant == "real_plus_synthetic" else None)
+            result = train_classifier(train, splits.val, splits.spec, cfg, seed, desc=f"{variant} seed {seed}")
+            per_seed[variant].append(evaluate(result.model, splits.test, len(splits.spec.class_names)))
+    out: dict = {"seeds": seeds}
+    for variant in VARIANTS:
+        out[variant] = {m: [e.metric(m) for e in per_seed[variant]] for m in names}
+    for m in names:
+        gains = np.subtract(out["real_plus_synthetic"][m], out["real_only"][m])
+        out[f"gain_{m}"] = gains.tolist()
+        out[f"gain_{m}_mean"] = float(gains.mean())
+        out[f"gain_{m}_std"] = float(gains.std(ddof=1))
+    return out
+
+
 def gain(augmented: VariantResult, baseline: VariantResult) -> dict[str, float]:
     return {m: augmented.evaluation.metric(m) - baseline.evaluation.metric(m) for m in ("accuracy", "macro_f1")}
 
@@ -620,6 +642,9 @@ def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, repor
             summary["real_plus_synthetic"] = results["real_plus_synthetic"].summary(splits.spec.class_names)
             summary["gain"] = gain(results["real_plus_synthetic"], results["real_only"])
             mlflow.log_metrics({f"gain_{k}": v for k, v in summary["gain"].items()})
+            if params.classifier.repeats > 1:
+                summary["repeats"] = repeated_gain(splits, params, {v: r.evaluation for v, r in results.items()})
+                mlflow.log_metrics({k: v for k, v in summary["repeats"].items() if k.endswith(("_mean", "_std"))})
         hashes = {r.test_hash for r in results.values()}
         if len(hashes) != 1:
             raise RuntimeError(f"variants were evaluated on different test sets: {hashes}")
@@ -676,6 +701,10 @@ def train_command(params_path: str, processed: str, synthetic: str, fid_file: st
     if summary["gain"] is not None:
         line += (f", real_plus_synthetic {summary['real_plus_synthetic'][metric]:.4f} "
                  f"(gain {summary['gain'][metric]:+.4f})")
+    if "repeats" in summary:
+        rep = summary["repeats"]
+        line += (f"; over {len(rep['seeds'])} seeds gain {rep[f'gain_{metric}_mean']:+.4f} "
+                 f"+/- {rep[f'gain_{metric}_std']:.4f}")
     click.echo(line + f" -> {metrics_file}")
     if "registered" in summary:
         reg = summary["registered"]

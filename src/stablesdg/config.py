@@ -171,6 +171,9 @@ class ClassifierConfig:
     schedule: str = choice("cosine", "step", "none", default="cosine")
     patience: int = bounded(5, 1, 10_000)
     synthetic_ratio: float = bounded(1.0, 0.0, 100.0)
+    # Training seeds per variant for the gain estimate (mean and spread): a 60-image training set swings by
+    # several points from seed to seed. The first seed's models are the ones logged and registered.
+    repeats: int = bounded(1, 1, 100)
     label_smoothing: float = bounded(0.1, 0.0, 0.9)
     augment: bool = True
     primary_metric: str = choice("macro_f1", "accuracy", default="macro_f1")
