@@ -34,7 +34,7 @@ def _small_params() -> str:
                           "refine": False})
     raw["generate"].update({"per_class": 6, "steps": 4, "resolution": 48})
     raw["metrics"]["offline_epochs"] = 3
-    raw["classifier"].update({"input_size": 64, "epochs": 3, "batch_size": 16})
+    raw["classifier"].update({"input_size": 64, "epochs": 3, "batch_size": 16, "repeats": 1})
     raw["export"]["calibration_images"] = 12
     return yaml.safe_dump(raw, sort_keys=False)
 

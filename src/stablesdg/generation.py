@@ -202,6 +202,9 @@ def generate_command(cls: str, params_path: str, processed: Path, adapters: Path
 
     params = load_or_exit(params_path)
     params.class_config(cls)
+    if generation_resolution(params) < params.model.resolution:
+        click.echo(f"warning: generate.resolution {params.generate.resolution} is below model.resolution "
+                   f"{params.model.resolution}: images lose detail (set generate.resolution: null)", err=True)
     torch.manual_seed(params.seed)
     summary = generate_class(params, cls, processed, adapters / cls, out / cls, search_dir / f"{cls}.json")
     s = summary["settings"]
