@@ -38,6 +38,7 @@ from .utils import (
 
 BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
 VARIANTS = ("real_only", "real_plus_synthetic")
+GAIN_METRICS = ("accuracy", "macro_f1")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 BRIGHTNESS_JITTER = 0.08  # additive, in [0, 1] pixel units: lighting drift on the line
 CONTRAST_JITTER = 0.1  # multiplicative around the image mean
@@ -556,6 +557,11 @@ def _log_evaluation(evaluation: Evaluation, spec: PreprocessSpec, test: ImageSet
     tracking.log_image(grid, "misclassified.png")
 
 
+def variant_synthetic(splits: Splits, variant: str) -> ImageSet | None:
+    """The synthetic images a variant trains on (none for the real-only baseline)."""
+    return splits.synthetic if variant == "real_plus_synthetic" else None
+
+
 def train_variant(variant: str, splits: Splits, params: Params, inputs: Sequence[Path],
                   reports_dir: Path, weights_dir: Path | None = None) -> VariantResult:
     """Train, evaluate on the real test set and log one variant as a nested MLflow run."""
@@ -563,7 +569,7 @@ def train_variant(variant: str, splits: Splits, params: Params, inputs: Sequence
 
     from . import tracking
 
-    synthetic = splits.synthetic if variant == "real_plus_synthetic" else None
+    synthetic = variant_synthetic(splits, variant)
     train = combine(splits.train, synthetic)
     test_hash = split_hash(splits.test.paths, splits.root)  # of the images this run is really evaluated on
     tags = {"variant": variant, "test_set_sha256": test_hash, "primary_metric": params.classifier.primary_metric,
@@ -592,18 +598,18 @@ def train_variant(variant: str, splits: Splits, params: Params, inputs: Sequence
 def repeated_gain(splits: Splits, params: Params, first: dict[str, Evaluation]) -> dict:
     """Both variants retrained with `classifier.repeats - 1` more seeds: per-seed test metrics, and the gain's
     mean and sample standard deviation, so a reviewer sees whether the gain is larger than seed noise."""
-    cfg, names = params.classifier, ("accuracy", "macro_f1")
+    cfg = params.classifier
     seeds = [params.seed + r for r in range(cfg.repeats)]
     per_seed = {variant: [first[variant]] for variant in VARIANTS}
     for seed in seeds[1:]:
         for variant in VARIANTS:
-            train = combine(splits.train, splits.synthetic if variant == "real_plus_synthetic" else None)
+            train = combine(splits.train, variant_synthetic(splits, variant))
             result = train_classifier(train, splits.val, splits.spec, cfg, seed, desc=f"{variant} seed {seed}")
             per_seed[variant].append(evaluate(result.model, splits.test, len(splits.spec.class_names)))
     out: dict = {"seeds": seeds}
     for variant in VARIANTS:
-        out[variant] = {m: [e.metric(m) for e in per_seed[variant]] for m in names}
-    for m in names:
+        out[variant] = {m: [e.metric(m) for e in per_seed[variant]] for m in GAIN_METRICS}
+    for m in GAIN_METRICS:
         gains = np.subtract(out["real_plus_synthetic"][m], out["real_only"][m])
         out[f"gain_{m}"] = gains.tolist()
         out[f"gain_{m}_mean"] = float(gains.mean())
@@ -612,7 +618,7 @@ def repeated_gain(splits: Splits, params: Params, first: dict[str, Evaluation]) 
 
 
 def gain(augmented: VariantResult, baseline: VariantResult) -> dict[str, float]:
-    return {m: augmented.evaluation.metric(m) - baseline.evaluation.metric(m) for m in ("accuracy", "macro_f1")}
+    return {m: augmented.evaluation.metric(m) - baseline.evaluation.metric(m) for m in GAIN_METRICS}
 
 
 def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, reports_dir: Path,
