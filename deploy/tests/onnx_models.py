@@ -27,6 +27,7 @@ class ModelRecipe:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     metadata_overrides: dict[str, str] = field(default_factory=dict)
     drop_keys: tuple[str, ...] = ()
+    dynamic_hw: bool = False  # symbolic H and W in the graph: only the metadata says the size
 
     def metadata(self) -> dict[str, str]:
         base = {
@@ -59,12 +60,13 @@ def build_model(recipe: ModelRecipe) -> onnx.ModelProto:
     channels = recipe.weight.shape[1]  # the graph follows the weights, so metadata can be made to disagree
     height, width = recipe.size
     num_classes = len(recipe.class_names)
+    spatial = ("H", "W") if recipe.dynamic_hw else (height, width)
     graph = helper.make_graph(
         [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
          helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
          helper.make_node("Gemm", ["features", "W", "B"], ["logits"], transB=1)],
         "tiny_classifier",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, height, width])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, *spatial])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes])],
         initializer=[numpy_helper.from_array(recipe.weight.astype(np.float32), "W"),
                      numpy_helper.from_array(np.zeros(num_classes, np.float32), "B")],

@@ -38,7 +38,7 @@ def test_classify_recursive_jsonl(rgb_model, tmp_path):
     assert code == EXIT_SOME_FILES_FAILED  # the broken file is reported, the others are classified
     assert [r["file"].split("/")[-1] for r in rows] == ["a_red.png", "b_broken.png", "c_blue.jpg"]
     assert [r["class"] for r in rows] == ["red_defect", None, "blue_defect"]
-    assert rows[1]["error"] == "not a recognised image format"
+    assert rows[1]["error"].startswith("not a recognised image format (allowed by content: png, jpeg")
     assert set(rows[0]) == {"file", "class", "confidence", "scores", "latency_ms", "model_version", "error"}
     assert rows[0]["model_version"] == "7" and rows[0]["scores"]["red_defect"] == rows[0]["confidence"]
 

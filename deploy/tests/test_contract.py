@@ -1,11 +1,13 @@
 """Model contract: all preprocessing comes from metadata; broken models are refused with a clear reason."""
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from onnx_models import GRAY_1CH, GRAY_TO_RGB, RGB, write_model
+from PIL import Image
 
 from stablesdg_line import Classifier, ModelContractError
 from stablesdg_line.contract import PREPROCESSING_KEYS, parse_preprocess_spec
@@ -74,3 +76,36 @@ def test_not_an_onnx_file_is_refused(tmp_path):
     junk.write_bytes(b"definitely not protobuf" * 10)
     with pytest.raises(ModelContractError, match="onnxruntime cannot load"):
         Classifier(junk)
+
+
+# Issue 14.5: metadata that used to load and then gave NaN confidences, a silently dropped class or a
+# MemoryError traceback at warm-up. Each is refused at load, exit 2, naming the key.
+@pytest.mark.parametrize(("overrides", "dynamic", "key"), [
+    ({"mean": "[NaN, 0.5, 0.5]"}, False, "'mean' must hold finite numbers"),
+    ({"mean": "[Infinity, 0.5, 0.5]"}, False, "'mean' must hold finite numbers"),
+    ({"std": "[1e-45, 0.5, 0.5]"}, False, "'std' .* has a value below 1e-06"),
+    ({"std": '[0.5, "0.5", 0.5]'}, False, "'std' must be a JSON list of 3 numbers"),
+    ({"class_names": json.dumps(["red_defect", "red_defect", "blue_defect"])}, False,
+     "'class_names' lists \\['red_defect'\\] more than once"),
+    ({"input_size": "[100000, 100000]"}, True, "'input_size' \\[100000, 100000\\] is larger than 4096"),
+    ({"input_size": "[true, 8]"}, False, "'input_size' must be JSON \\[H, W\\]"),
+])
+def test_bad_metadata_is_refused_at_load_with_exit_2(tmp_path, capsys, overrides, dynamic, key):
+    from stablesdg_line.cli import EXIT_MODEL_REFUSED, main
+
+    recipe = replace(RGB, metadata_overrides=overrides, dynamic_hw=dynamic)
+    model = write_model(recipe, tmp_path / "bad.onnx")
+    image = tmp_path / "x.png"
+    image.write_bytes(b"unused")
+    assert main(["classify", str(model), str(image)]) == EXIT_MODEL_REFUSED
+    err = capsys.readouterr().err
+    assert err.startswith("stablesdg-line: error: model metadata") and "Traceback" not in err
+    assert re.search(key, err), err
+
+
+def test_model_with_dynamic_size_runs_at_the_metadata_size(tmp_path):
+    model = write_model(replace(RGB, dynamic_hw=True, metadata_overrides={"input_size": "[16, 24]"}),
+                        tmp_path / "dyn.onnx")
+    classifier = Classifier(model)
+    assert classifier.spec.input_shape == (3, 16, 24)
+    assert classifier.classify([Image.new("RGB", (5, 5), (250, 0, 0))])[0].label == "red_defect"

@@ -137,9 +137,19 @@ class Classifier:
             raise ModelContractError(f"onnxruntime cannot load {self.model_path}: {err}") from err
 
     def _warm_up(self) -> None:
-        dummy = np.zeros((1, *self.spec.input_shape), dtype=np.float32)
-        for _ in range(self.options.warmup_runs):
-            self.run_batch(dummy)
+        try:
+            dummy = np.zeros((1, *self.spec.input_shape), dtype=np.float32)
+            for _ in range(self.options.warmup_runs):
+                logits = self.run_batch(dummy)
+        except MemoryError as err:
+            raise ModelContractError(f"model {self.model_path}: not enough memory for one input of shape "
+                                     f"{self.spec.input_shape} (metadata 'input_size')") from err
+        except Exception as err:  # onnxruntime's own error types: the graph cannot run on a valid input
+            raise ModelContractError(f"model {self.model_path} fails on an input of shape "
+                                     f"{self.spec.input_shape}: {err}") from err
+        if self.options.warmup_runs > 0 and not np.all(np.isfinite(logits)):
+            raise ModelContractError(f"model {self.model_path} returns non-finite logits for a blank input "
+                                     "(check 'mean', 'std' and the weights)")
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -198,6 +208,9 @@ class Classifier:
     def _prediction(self, item: _Pending, probs: np.ndarray | None, share_ms: float) -> Prediction:
         if probs is None:
             return Prediction(item.name, None, None, {}, item.prep_ms, self.model_version, item.error)
+        if not np.all(np.isfinite(probs)):  # never report NaN as a confidence (and keep the JSON valid)
+            return Prediction(item.name, None, None, {}, item.prep_ms + share_ms, self.model_version,
+                              "model returned non-finite scores for this image")
         best = int(np.argmax(probs))
         scores = {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
         return Prediction(item.name, self.class_names[best], float(probs[best]), scores,

@@ -14,6 +14,11 @@ PREPROCESSING_KEYS = ("class_names", "input_size", "channel_mode", "input_channe
 DESCRIPTIVE_KEYS = ("model_name", "model_version", "data_hash", "weights_sha256", "stablesdg_version",
                     "quantized", "opset")
 SUPPORTED_RESIZE = ("bilinear",)
+# A classifier input is a few hundred pixels a side; anything near this is a broken export, and a huge size
+# with dynamic graph dims would only fail later, at warm-up, with a MemoryError.
+MAX_INPUT_SIDE = 4096
+# Smallest |std| accepted: below it (e.g. 1e-45) normalised pixels overflow float32 and every score is NaN.
+MIN_STD = 1e-6
 
 
 class ModelContractError(ValueError):
@@ -54,11 +59,16 @@ def _json(metadata: dict[str, str], key: str):
 
 
 def _float_vector(metadata: dict[str, str], key: str, length: int) -> np.ndarray:
-    values = _json(metadata, key)
-    if not isinstance(values, list) or len(values) != length:
+    values = _json(metadata, key)  # json.loads accepts NaN and Infinity: checked below
+    if (not isinstance(values, list) or len(values) != length
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
         raise ModelContractError(f"model metadata '{key}' must be a JSON list of {length} numbers, "
                                  f"got {values!r}")
-    return np.asarray(values, dtype=np.float32)
+    vector = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(vector)) or np.any(np.abs(vector) > 1e6):
+        raise ModelContractError(f"model metadata '{key}' must hold finite numbers of magnitude <= 1e6, "
+                                 f"got {values!r}")
+    return vector.astype(np.float32)
 
 
 def _class_names(metadata: dict[str, str]) -> tuple[str, ...]:
@@ -66,14 +76,24 @@ def _class_names(metadata: dict[str, str]) -> tuple[str, ...]:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ModelContractError("model metadata 'class_names' must be a non-empty JSON list of strings, "
                                  f"got {names!r}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ModelContractError(f"model metadata 'class_names' lists {duplicates} more than once; "
+                                 "each logit needs its own name")
+    if any(not n.strip() for n in names):
+        raise ModelContractError(f"model metadata 'class_names' contains an empty name: {names!r}")
     return tuple(names)
 
 
 def _input_size(metadata: dict[str, str]) -> tuple[int, int]:
     size = _json(metadata, "input_size")
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+    if not (isinstance(size, list) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
         raise ModelContractError(f"model metadata 'input_size' must be JSON [H, W] of positive ints, "
                                  f"got {size!r}")
+    if max(size) > MAX_INPUT_SIDE:
+        raise ModelContractError(f"model metadata 'input_size' {size} is larger than {MAX_INPUT_SIDE} "
+                                 "pixels a side; this is not a line classifier's input")
     return size[0], size[1]
 
 
@@ -98,6 +118,9 @@ def parse_preprocess_spec(metadata: dict[str, str]) -> PreprocessSpec:
     std = _float_vector(metadata, "std", channels)
     if np.any(std == 0):
         raise ModelContractError(f"model metadata 'std' contains a zero: {std.tolist()}")
+    if np.any(np.abs(std) < MIN_STD):
+        raise ModelContractError(f"model metadata 'std' {std.tolist()} has a value below {MIN_STD}: "
+                                 "normalised pixels would overflow")
     resize = metadata["resize"]
     if resize not in SUPPORTED_RESIZE:
         raise ModelContractError(f"model metadata 'resize' is {resize!r}; supported: {SUPPORTED_RESIZE}")

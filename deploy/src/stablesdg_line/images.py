@@ -1,9 +1,17 @@
-"""Safe image decoding and the exact preprocessing of the model contract."""
+"""Safe image decoding and the exact preprocessing of the model contract.
+
+The mode step (`to_channel_mode`) is the one preprocessing contract shared with training: StableSDG's ingest
+(`stablesdg.data.to_8bit`) normalises 16-bit, 32-bit and float images the same way, and a test in the main
+suite checks that both paths give the same array for 8-bit, 16-bit, RGBA, palette and CMYK inputs.
+"""
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -15,6 +23,11 @@ from .contract import PreprocessSpec
 # Steel-line cameras deliver a few megapixels; 40 MP leaves room while a header-only "bomb" claiming
 # gigapixels is refused before any pixel buffer is allocated.
 DEFAULT_MAX_PIXELS = 40_000_000
+# Decoded by content, never by name: anything else (EPS would start Ghostscript, PSD, ICO...) is refused
+# before a decoder for it runs.
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+# Reasons that can mean "the writer has not finished yet": watch mode retries these for a grace period.
+INCOMPLETE_REASONS = ("empty file", "cannot decode image data")
 
 ImageSource = str | Path | bytes | BinaryIO
 
@@ -23,18 +36,56 @@ class ImageRejected(ValueError):
     """A file that cannot be classified (not an image, truncated, empty, too large...)."""
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
 def _open_stream(source: ImageSource) -> BinaryIO:
     if isinstance(source, bytes):
         return io.BytesIO(source)
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ImageRejected(f"not a regular file: {path}")
-        try:
-            return path.open("rb")
-        except OSError as err:
-            raise ImageRejected(f"cannot read file: {err}") from err
+        return open_regular_file(Path(source))
     return source
+
+
+def open_regular_file(path: Path) -> BinaryIO:
+    """Open for reading only if it is a regular file: a FIFO, a device or a link to one is never opened.
+
+    The check is repeated on the open descriptor (O_NONBLOCK, so a FIFO swapped in meanwhile cannot hang).
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError as err:
+        kind = "broken symbolic link" if os.path.islink(path) else "missing"
+        raise ImageRejected(f"not a regular file ({kind}): {path}") from err
+    except OSError as err:
+        raise ImageRejected(f"cannot read file: {err.strerror or err}: {path}") from err
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageRejected(f"not a regular file ({file_kind(info.st_mode)}): {path}")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise ImageRejected(f"cannot read file: {err.strerror or err}: {path}") from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageRejected(f"not a regular file (changed while opening): {path}")
+    return os.fdopen(fd, "rb")
+
+
+def file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symlink")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def _reject_if_empty(stream: BinaryIO) -> None:
@@ -43,6 +94,46 @@ def _reject_if_empty(stream: BinaryIO) -> None:
     if not stream.read(1):
         raise ImageRejected("empty file (0 bytes)")
     stream.seek(start)
+
+
+def _open_allowed(stream: BinaryIO) -> Image.Image:
+    try:
+        return Image.open(stream, formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError as err:
+        raise ImageRejected("not a recognised image format (allowed by content: "
+                            f"{', '.join(f.lower() for f in ALLOWED_FORMATS)})") from err
+    except Image.DecompressionBombError as err:
+        raise ImageRejected(f"decompression bomb refused: {err}") from err
+    except Exception as err:  # any decoder bug on hostile input must stay a per-file error
+        raise ImageRejected(f"cannot open image: {type(err).__name__}: {err}") from err
+
+
+def _check_size(img: Image.Image, max_pixels: int) -> None:
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageRejected(f"image has empty dimensions {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageRejected(f"image is {width}x{height} = {width * height} pixels, "
+                            f"above the limit of {max_pixels}")
+
+
+def probe(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """Format and size from the header only (no pixel data decoded); raises ImageRejected.
+
+    A stream is rewound to where it was, so it can be decoded afterwards.
+    """
+    stream = _open_stream(source)
+    start = stream.tell()
+    try:
+        _reject_if_empty(stream)
+        with _open_allowed(stream) as img:
+            _check_size(img, max_pixels)
+            return ImageHeader(img.format or "?", *img.size)
+    finally:
+        if stream is source:
+            stream.seek(start)
+        else:
+            stream.close()
 
 
 def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -57,20 +148,8 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
 
 
 def _decode(stream: BinaryIO, max_pixels: int) -> Image.Image:
-    try:
-        img = Image.open(stream)
-    except UnidentifiedImageError as err:
-        raise ImageRejected("not a recognised image format") from err
-    except Image.DecompressionBombError as err:
-        raise ImageRejected(f"decompression bomb refused: {err}") from err
-    except Exception as err:  # any decoder bug on hostile input must stay a per-file error
-        raise ImageRejected(f"cannot open image: {type(err).__name__}: {err}") from err
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise ImageRejected(f"image has empty dimensions {width}x{height}")
-    if width * height > max_pixels:
-        raise ImageRejected(f"image is {width}x{height} = {width * height} pixels, "
-                            f"above the limit of {max_pixels}")
+    img = _open_allowed(stream)
+    _check_size(img, max_pixels)
     try:
         img.load()  # forces full decoding here, so truncated data fails now and not mid-batch
     except Exception as err:
@@ -78,9 +157,36 @@ def _decode(stream: BinaryIO, max_pixels: int) -> Image.Image:
     return img
 
 
+HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N", "I;16S"})
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float single-channel images -> 8-bit L, stretched by the image's own range.
+
+    PIL's convert('L') would clip everything above 255. Non-finite samples are ignored for the range and
+    become 0. Every other mode is returned as is. Must stay identical to `stablesdg.data.to_8bit`.
+    """
+    if img.mode not in HIGH_DEPTH_MODES:
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return Image.fromarray(np.zeros(arr.shape, dtype=np.uint8), mode="L")
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    arr = np.where(finite, arr, lo)
+    arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(arr.astype(np.uint8), mode="L")
+
+
+def to_channel_mode(img: Image.Image, channel_mode: str) -> Image.Image:
+    """The mode step of the contract: high bit depth stretched to 8 bit, then PIL's convert."""
+    return to_8bit(img).convert(channel_mode)
+
+
 def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """One image -> float32 [C, H, W], exactly as the contract prescribes."""
-    resized = img.convert(spec.channel_mode).resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    converted = to_channel_mode(img, spec.channel_mode)
+    resized = converted.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     x = np.asarray(resized, dtype=np.float32) / 255.0
     x = np.repeat(x[None], spec.input_channels, axis=0) if spec.channel_mode == "L" else x.transpose(2, 0, 1)
     return (x - spec.mean[:, None, None]) / spec.std[:, None, None]
