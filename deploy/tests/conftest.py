@@ -30,3 +30,11 @@ def gray3_model(model_dir) -> Path:
 @pytest.fixture(scope="session")
 def gray1_model(model_dir) -> Path:
     return write_model(GRAY_1CH, model_dir / "gray1.onnx")
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    """Watch mode: (drop folder, rejected folder, results file)."""
+    drop, rejected = tmp_path / "drop", tmp_path / "rejected"
+    drop.mkdir()
+    return drop, rejected, tmp_path / "state" / "results.jsonl"

@@ -16,16 +16,9 @@ from stablesdg_line.watch import DropFolderWatcher, WatchConfig, WatchError
 SETTLE = "0.2"
 
 
-@pytest.fixture
-def dirs(tmp_path):
-    drop, rejected = tmp_path / "drop", tmp_path / "rejected"
-    drop.mkdir()
-    return drop, rejected, tmp_path / "state" / "results.jsonl"
-
-
-def watch_once(model, drop, rejected, results) -> int:
+def watch_once(model, drop, rejected, results, grace: str = "0") -> int:
     return main(["watch", str(model), str(drop), "--results", str(results), "--rejected-dir", str(rejected),
-                 "--once", "--settle-seconds", SETTLE])
+                 "--once", "--settle-seconds", SETTLE, "--incomplete-grace-seconds", grace])
 
 
 def rows_by_name(results) -> dict[str, list[dict]]:

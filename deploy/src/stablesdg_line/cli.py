@@ -7,7 +7,9 @@ import csv
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,12 @@ from .classifier import Classifier, ModelIntegrityError, Prediction, RuntimeOpti
 from .contract import ModelContractError
 from .images import DEFAULT_MAX_PIXELS
 from .watch import IMAGE_EXTENSIONS, DropFolderWatcher, WatchConfig, WatchError
+
+# Defaults of the serve extra, repeated here so `--help` works without FastAPI installed.
+DEFAULT_MAX_REQUEST_PIXELS = 64_000_000
+DEFAULT_MAX_CONCURRENT = 2
+DEFAULT_MAX_WAITING = 16
+DEFAULT_QUEUE_TIMEOUT_S = 10.0
 
 TOKEN_ENV = "STABLESDG_LINE_TOKEN"
 CSV_COLUMNS = ("file", "class", "confidence", "scores", "latency_ms", "model_version", "error")
@@ -58,6 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--poll-interval", type=float, default=2.0, help="seconds between scans (default 2)")
     watch.add_argument("--settle-seconds", type=float, default=1.0,
                        help="a file must be unmodified this long before it is read (default 1)")
+    watch.add_argument("--incomplete-grace-seconds", type=float, default=30.0,
+                       help="retry an empty or cut-short file until it is unchanged this long (default 30)")
     watch.add_argument("--batch-size", type=int, default=16)
     watch.add_argument("--once", action="store_true", help="process what is there now, then exit")
 
@@ -68,6 +78,14 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help=f"require 'Authorization: Bearer TOKEN' (default: env {TOKEN_ENV})")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20)")
     serve.add_argument("--max-files", type=int, default=32, help="most files per request (default 32)")
+    serve.add_argument("--max-request-pixels", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
+                       help=f"most pixels per request, from headers (default {DEFAULT_MAX_REQUEST_PIXELS})")
+    serve.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT,
+                       help=f"requests decoding at once (default {DEFAULT_MAX_CONCURRENT})")
+    serve.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                       help=f"requests queued for a slot before 503 (default {DEFAULT_MAX_WAITING})")
+    serve.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT_S,
+                       help=f"seconds to wait for a slot before 503 (default {DEFAULT_QUEUE_TIMEOUT_S:g})")
 
     info = commands.add_parser("info", help="print the model's metadata and sha256 as JSON")
     _add_model_options(info)
@@ -128,13 +146,29 @@ def cmd_watch(args: argparse.Namespace) -> int:
     config = WatchConfig(drop_dir=args.drop_dir, results=args.results,
                          rejected_dir=args.rejected_dir or args.drop_dir / "rejected",
                          poll_interval=args.poll_interval, settle_seconds=args.settle_seconds,
-                         batch_size=args.batch_size)
-    with DropFolderWatcher(_load_classifier(args), config) as watcher:
+                         batch_size=args.batch_size, incomplete_grace_seconds=args.incomplete_grace_seconds)
+    stop = threading.Event()
+    with DropFolderWatcher(_load_classifier(args), config) as watcher, _stop_on_signals(stop):
         if args.once:
-            log.info("%s", watcher.run_once())
+            log.info("%s", watcher.run_once(stop))
         else:
-            watcher.run_forever()
+            watcher.run_forever(stop)
     return 0
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM / SIGINT set `stop`: the watcher finishes the batch in hand (rows, moves, fsync), exits 0."""
+    def handler(signum, _frame):
+        log.info("%s received: finishing the current batch, then stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -148,7 +182,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: anyone on the network can use the model", args.host)
     config = ServeConfig(token=token, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                         max_files=args.max_files)
+                         max_files=args.max_files, max_request_pixels=args.max_request_pixels,
+                         max_concurrent=args.max_concurrent, max_waiting=args.max_waiting,
+                         queue_timeout_s=args.queue_timeout)
     app = create_app(_load_classifier(args), config)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False)
     return 0
