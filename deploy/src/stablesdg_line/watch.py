@@ -288,7 +288,9 @@ class DropFolderWatcher:
             if sha is None:
                 try:
                     sha = known[key] = sha256_of(self.config.drop_dir / key.name)
-                except (OSError, ImageRejected) as err:
+                except ImageRejected:  # unreadable (permissions): classify reports it and it is moved aside
+                    sha = known[key] = f"unreadable:{key.size}:{key.mtime_ns}"
+                except OSError as err:
                     log.debug("cannot hash %s yet: %s", key.name, err)
                     pending += 1
                     continue
