@@ -52,3 +52,39 @@ def test_cli_reports_bad_param_with_file_and_key(tmp_path):
     assert result.returncode != 0
     assert "params.yaml: data.image_size: 5 is out of range; allowed values: [32, 2048]" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+# Issue 14.9: non-finite numbers and unsafe class names, from real YAML text.
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("data: {max_file_mb: .nan}", r"data\.max_file_mb: expected a finite number, got nan"),
+        ("data: {max_file_mb: .inf}", r"data\.max_file_mb: expected a finite number, got inf"),
+        ("generate: {strength: -.inf}", r"generate\.strength: expected a finite number, got -inf"),
+        ("search: {strength: [0.3, .nan]}", r"search\.strength\[1\]: expected a finite number, got nan"),
+        ("export: {parity_atol: .NaN}", r"export\.parity_atol: expected a finite number"),
+    ],
+)
+def test_non_finite_numbers_are_refused(yaml_text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_params(yaml.safe_load(yaml_text))
+
+
+@pytest.mark.parametrize("name", [".", "..", "a\tb", "a\nb", "-x", "a:b", "a/b", "Crazing", "a b", "_x", "é", ""])
+def test_unsafe_class_names_are_refused(name):
+    raw = {"classes": {name: {}, "scratches": {}}}
+    with pytest.raises(ConfigError, match=r"class names must match \[a-z0-9\]\[a-z0-9_-\]\*"):
+        parse_params(raw)
+
+
+def test_safe_class_names_pass_including_the_neu_ones():
+    names = ["rolled-in_scale", "pitted_surface", "a", "0day", "x-1_y"]
+    assert parse_params({"classes": {n: {} for n in names}}).class_names == names
+
+
+def test_dotdot_class_from_params_yaml_is_refused_before_any_stage_runs(tmp_path):
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["classes"][".."] = {"initializer": "dirt"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"params\.yaml: classes\.'\.\.': class names must match"):
+        load_params(tmp_path / "params.yaml")

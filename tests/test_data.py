@@ -251,4 +251,5 @@ def test_quarantine_report_is_json_serialisable(tmp_path):
     (src / "crazing" / "bad.png").write_bytes(b"nope")
     summary = ingest(src, tmp_path / "out", SMALL, CLASSES, seed=0)
     json.dumps(summary)
-    assert summary["rejected"] == [{"file": "crazing/bad.png", "reason": "not an image (cannot identify the format)"}]
+    reason = "not an image (cannot identify the format; allowed by content: png, jpeg, bmp, tiff, webp)"
+    assert summary["rejected"] == [{"file": "crazing/bad.png", "reason": reason}]

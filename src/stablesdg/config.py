@@ -8,6 +8,8 @@ checks types from the annotations, rejects unknown keys and reports `section.key
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,9 @@ from typing import Any
 import yaml
 
 NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+# Class names become folder and file names (images/<class>/, models/adapters/<class>/, DVC foreach keys):
+# one safe pattern, so `..`, `-x`, `a:b`, tabs and newlines cannot get near a path.
+CLASS_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
 class ConfigError(ValueError):
@@ -260,6 +265,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML .nan / .inf: NaN would switch every range check off
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -309,8 +316,10 @@ def parse_params(raw: dict | None) -> Params:
 
 def _check_classes(params: Params) -> None:
     for name in params.classes:
-        if not name or any(c in name for c in "/\\ "):
-            raise ConfigError(f"classes.{name}: class names may not contain '/', '\\' or spaces")
+        if not CLASS_NAME_PATTERN.fullmatch(name) or len(name) > 64:
+            raise ConfigError(f"classes.{name!r}: class names must match {CLASS_NAME_PATTERN.pattern} "
+                              "(lower-case letters, digits, '_' and '-', starting with a letter or digit; "
+                              "at most 64 characters)")
     if len(params.class_names) < 2:
         raise ConfigError("classes: at least two classes are needed to train a classifier")
 

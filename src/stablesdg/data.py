@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import os
 import re
 import shutil
+import stat
 import struct
 import warnings
 from collections import Counter, defaultdict
@@ -24,7 +27,10 @@ from tqdm import tqdm
 from .config import DataConfig
 from .utils import read_json, write_json
 
-IMAGE_EXTENSIONS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
+# Decoded by content, as on the line (deploy/ stablesdg_line.images.ALLOWED_FORMATS): any other format is
+# quarantined before a decoder for it runs (EPS would start Ghostscript).
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 NEU_CLS_PREFIXES = {
     "cr": "crazing",
     "in": "inclusion",
@@ -98,29 +104,94 @@ def list_candidates(source: Path, layout: str) -> list[Candidate]:
 
 
 # --------------------------------------------------------------------------------------- decoding
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and float greyscale scaled to 8 bit by its range (PIL's convert('L') would clip)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(arr.astype(np.uint8), mode="L")
-    return img
+HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N", "I;16S"})
 
 
-def decode_image(path: Path, cfg: DataConfig) -> Image.Image:
-    """Open, fully decode and normalise one image; raises ValueError with a reason a person understands."""
-    size = path.stat().st_size
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float single-channel images -> 8-bit L, stretched by the image's own range.
+
+    PIL's convert('L') would clip everything above 255. Non-finite samples are ignored for the range and
+    become 0. This is the preprocessing contract shared with the line runtime (`stablesdg_line.images.to_8bit`,
+    which must stay identical; tests/test_preprocess_parity.py compares the two on the same files).
+    """
+    if img.mode not in HIGH_DEPTH_MODES:
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return Image.fromarray(np.zeros(arr.shape, dtype=np.uint8), mode="L")
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    arr = np.where(finite, arr, lo)
+    arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(arr.astype(np.uint8), mode="L")
+
+
+_to_8bit = to_8bit  # old name
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def read_source_file(path: Path, cfg: DataConfig) -> bytes:
+    """The bytes of one source file, checked from `stat` before anything is opened or read.
+
+    Non-regular files (FIFO, device, a symlink to /dev/zero) are never opened; a file over data.max_file_mb is
+    never read. Symlinks to regular files are followed (DVC's symlink cache uses them). Raises ValueError.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError("broken symbolic link" if os.path.islink(path) else "file vanished") from None
+    except OSError as err:
+        raise ValueError(f"cannot read file: {err.strerror or err}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"not a regular file ({_file_kind(info.st_mode)}); not opened")
+    _check_file_size(info.st_size, cfg)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise ValueError(f"cannot read file: {err.strerror or err}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):  # swapped between stat and open
+            raise ValueError(f"not a regular file ({_file_kind(info.st_mode)}); not read")
+        limit = int(cfg.max_file_mb * 1024 * 1024)
+        try:
+            raw = handle.read(limit + 1)
+        except OSError as err:
+            raise ValueError(f"cannot read file: {err.strerror or err}") from None
+    _check_file_size(len(raw), cfg)  # grew after the stat
+    return raw
+
+
+def _check_file_size(size: int, cfg: DataConfig) -> None:
     if size == 0:
         raise ValueError("empty file (0 bytes)")
     if size > cfg.max_file_mb * 1024 * 1024:
         raise ValueError(f"file is {size / 2**20:.1f} MB, over data.max_file_mb={cfg.max_file_mb}")
+
+
+def decode_image(path: Path, cfg: DataConfig) -> Image.Image:
+    """Open, fully decode and normalise one image; raises ValueError with a reason a person understands."""
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise ValueError(f"unsupported extension {path.suffix or '(none)'}; use one of {sorted(IMAGE_EXTENSIONS)}")
+    return decode_image_bytes(read_source_file(path, cfg), path.suffix, cfg)[0]
+
+
+def decode_image_bytes(raw: bytes, suffix: str, cfg: DataConfig) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode + normalise in-memory file bytes; returns (image at image_size, original (width, height))."""
+    _check_file_size(len(raw), cfg)
+    if suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ValueError(f"unsupported extension {suffix or '(none)'}; use one of {sorted(IMAGE_EXTENSIONS)}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS) as img:
                 width, height = img.size
                 if width <= 0 or height <= 0:
                     raise ValueError(f"image has zero size {width}x{height}")
@@ -130,15 +201,19 @@ def decode_image(path: Path, cfg: DataConfig) -> Image.Image:
                     )
                 img.seek(0)  # multi-frame TIFF/GIF: the first frame is the image
                 img.load()
-                img = _to_8bit(img)
-                converted = img.convert(cfg.color_mode)
+                converted = to_8bit(img).convert(cfg.color_mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ValueError(f"decompression bomb: {err}") from None
     except UnidentifiedImageError:
-        raise ValueError("not an image (cannot identify the format)") from None
+        raise ValueError("not an image (cannot identify the format; allowed by content: "
+                         f"{', '.join(f.lower() for f in ALLOWED_FORMATS)})") from None
     except (OSError, SyntaxError, EOFError, struct.error) as err:
         raise ValueError(f"unreadable or truncated image: {err}") from None
-    return converted.resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
+    except ValueError:
+        raise
+    except Exception as err:  # a decoder bug on hostile input stays this file's problem
+        raise ValueError(f"cannot decode image: {type(err).__name__}: {err}") from None
+    return converted.resize((cfg.image_size, cfg.image_size), Image.BILINEAR), (width, height)
 
 
 # --------------------------------------------------------------------------------------- ingest
@@ -147,19 +222,27 @@ def ingest(source: Path, out_dir: Path, cfg: DataConfig, classes: list[str], see
     if not source.is_dir():
         raise DataError(f"data.source: folder {source} not found; point data.source at your image folder")
     layout = detect_layout(source) if cfg.layout == "auto" else cfg.layout
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    (out_dir / "images").mkdir(parents=True)
-    records, rejected = _normalise_all(list_candidates(source, layout), source, out_dir, cfg, set(classes))
-    empty = [c for c in classes if not any(r.cls == c for r in records)]
-    if empty:
-        raise DataError(
-            f"no valid image for class(es) {', '.join(empty)} in {source} (layout {layout}); "
-            f"{len(rejected)} file(s) quarantined - see the quarantine report. Add images or remove the class "
-            "from `classes` in params.yaml."
-        )
-    assign_splits(records, cfg, seed)
-    _write_outputs(out_dir, records, classes)
+    # Built next to the old output and swapped in only when complete: a failed or interrupted ingest leaves
+    # the previous data/processed as it was.
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "images").mkdir(parents=True)
+    try:
+        records, rejected = _normalise_all(list_candidates(source, layout), source, staging, cfg, set(classes))
+        empty = [c for c in classes if not any(r.cls == c for r in records)]
+        if empty:
+            raise DataError(
+                f"no valid image for class(es) {', '.join(empty)} in {source} (layout {layout}); "
+                f"{len(rejected)} file(s) quarantined - see the quarantine report. Add images or remove the "
+                "class from `classes` in params.yaml."
+            )
+        assign_splits(records, cfg, seed)
+        _write_outputs(staging, records, classes)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, out_dir)
     return {
         "layout": layout,
         "source": str(source),
@@ -168,6 +251,17 @@ def ingest(source: Path, out_dir: Path, cfg: DataConfig, classes: list[str], see
         "per_class": {c: _split_counts([r for r in records if r.cls == c]) for c in classes},
         "rejected": [asdict(r) for r in rejected],
     }
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Replace out_dir by the complete staging folder with two renames (same parent, same filesystem)."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists() or out_dir.is_symlink():
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _normalise_all(
@@ -180,8 +274,8 @@ def _normalise_all(
         rel = cand.source.relative_to(source).as_posix()
         try:
             record = _normalise_one(cand, rel, out_dir, cfg, classes, seen)
-        except ValueError as err:
-            rejected.append(Rejection(rel, str(err)))
+        except (ValueError, OSError) as err:  # per-file problems are quarantined, never fatal
+            rejected.append(Rejection(rel, str(err) if isinstance(err, ValueError) else f"cannot read file: {err}"))
             continue
         seen[record.sha256] = record
         records.append(record)
@@ -195,18 +289,17 @@ def _normalise_one(
         raise ValueError("the layout gives no class for this file (name or folder not recognised)")
     if cand.label not in classes:
         raise ValueError(f"unknown class {cand.label!r}; known classes: {', '.join(sorted(classes))}")
-    if cand.source.is_symlink() and not cand.source.exists():
-        raise ValueError("broken symbolic link")
-    raw = cand.source.read_bytes()
+    if cand.source.suffix.lower() not in IMAGE_EXTENSIONS:
+        suffix = cand.source.suffix or "(none)"
+        raise ValueError(f"unsupported extension {suffix}; use one of {sorted(IMAGE_EXTENSIONS)}")
+    raw = read_source_file(cand.source, cfg)
     digest = hashlib.sha256(raw).hexdigest()
     if digest in seen:
         first = seen[digest]
         if first.cls != cand.label:
             raise ValueError(f"same bytes as {first.source_file} labelled {first.cls}: conflicting labels")
         raise ValueError(f"duplicate of {first.source_file}")
-    image = decode_image(cand.source, cfg)
-    with Image.open(cand.source) as probe:
-        width, height = probe.size
+    image, (width, height) = decode_image_bytes(raw, cand.source.suffix, cfg)
     name = f"images/{cand.label}/{cand.source.stem}_{digest[:8]}.png"
     (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
     image.save(out_dir / name)

@@ -1,0 +1,98 @@
+"""Issue 14.8 + the standing bad-input corpus through ingest (deploy/tests/badinputs.py writes it).
+
+Ingest runs in a child process that cannot bypass file permissions (as the pipeline's user on a real
+machine), so the unreadable file really is unreadable even when the tests run as root.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from stablesdg.config import DataConfig
+from stablesdg.data import DataError, ingest, read_manifest
+
+DEPLOY_TESTS = Path(__file__).resolve().parents[1] / "deploy" / "tests"
+sys.path.insert(0, str(DEPLOY_TESTS))
+badinputs = pytest.importorskip("badinputs")
+
+CFG = {"image_size": 48, "k_shot": 2, "val_per_class": 1, "test_per_class": 1}
+INGEST_IN_CHILD = """
+import json, resource, sys
+from pathlib import Path
+from stablesdg.config import DataConfig
+from stablesdg.data import ingest
+cfg = DataConfig(**json.loads(sys.argv[3]))
+summary = ingest(Path(sys.argv[1]), Path(sys.argv[2]), cfg, ["crazing", "inclusion"], seed=0)
+summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(summary))
+"""
+
+
+def write_other_class(folder: Path) -> list[str]:
+    folder.mkdir(parents=True)
+    names = []
+    for i, colour in enumerate([(20, 20, 20), (90, 90, 90), (160, 160, 160)]):
+        names.append(f"plain{i}.png")
+        Image.new("RGB", (40, 30), colour).save(folder / names[-1])
+    return names
+
+
+def run_ingest(source: Path, out: Path) -> tuple[subprocess.CompletedProcess, dict | None]:
+    result = subprocess.run([sys.executable, "-c", INGEST_IN_CHILD, str(source), str(out), json.dumps(CFG)],
+                            capture_output=True, text=True, timeout=120,
+                            preexec_fn=badinputs.drop_file_permission_override)
+    summary = json.loads(result.stdout.splitlines()[-1]) if result.returncode == 0 else None
+    return result, summary
+
+
+@pytest.mark.timeout(120)
+def test_corpus_is_quarantined_file_by_file_and_every_valid_image_kept(tmp_path):
+    source = tmp_path / "source"
+    cases, valid = badinputs.write_corpus(source / "crazing", sparse_mb=600)  # the issue's 600 MB file
+    other = write_other_class(source / "inclusion")
+    out = tmp_path / "processed"
+    result, summary = run_ingest(source, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    reasons = {r["file"]: r["reason"] for r in summary["rejected"]}
+    for case in cases:
+        assert case.ingest in reasons[f"crazing/{case.name}"], (case.name, reasons.get(f"crazing/{case.name}"))
+    kept = {row["source_file"] for row in read_manifest(out)}
+    assert kept == {f"crazing/{n}" for n in valid} | {f"inclusion/{n}" for n in other}  # no valid file lost
+    assert summary["quarantined"] == len(cases)
+    assert summary["peak_rss_mb"] < 400, summary["peak_rss_mb"]  # the 600 MB file was never read
+
+
+def test_failed_ingest_leaves_the_previous_output_untouched(tmp_path):
+    source = tmp_path / "source"
+    badinputs.write_corpus(source / "crazing")  # no valid image for "inclusion": the ingest fails
+    (source / "inclusion").mkdir()
+    (source / "inclusion" / "broken.png").write_bytes(b"nope")
+    out = tmp_path / "processed"
+    (out / "images").mkdir(parents=True)
+    (out / "manifest.csv").write_text("the previous, complete output\n")
+    cfg = DataConfig(**CFG)
+    with pytest.raises(DataError, match="no valid image for class"):
+        ingest(source, out, cfg, ["crazing", "inclusion"], seed=0)
+    assert (out / "manifest.csv").read_text() == "the previous, complete output\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "source"]  # no partial output left
+
+
+def test_successful_ingest_swaps_in_a_complete_output(tmp_path):
+    source = tmp_path / "source"
+    _, valid = badinputs.write_corpus(source / "crazing")
+    (source / "crazing" / "unreadable.png").unlink()  # in-process: root could read it
+    other = write_other_class(source / "inclusion")
+    out = tmp_path / "processed"
+    (out / "images" / "stale").mkdir(parents=True)
+    (tmp_path / ".processed.partial").mkdir()  # left by an earlier, killed run
+    summary = ingest(source, out, DataConfig(**CFG), ["crazing", "inclusion"], seed=0)
+    assert summary["images"] == len(valid) + len(other)
+    assert not (out / "images" / "stale").exists() and (out / "manifest.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "source"]
