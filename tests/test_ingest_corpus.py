@@ -6,6 +6,7 @@ machine), so the unreadable file really is unreadable even when the tests run as
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -17,9 +18,19 @@ from PIL import Image
 from stablesdg.config import DataConfig
 from stablesdg.data import DataError, ingest, read_manifest
 
-DEPLOY_TESTS = Path(__file__).resolve().parents[1] / "deploy" / "tests"
-sys.path.insert(0, str(DEPLOY_TESTS))
-badinputs = pytest.importorskip("badinputs")
+BADINPUTS = Path(__file__).resolve().parents[1] / "deploy" / "tests" / "badinputs.py"
+
+
+def _load_badinputs():
+    """The corpus generator lives with the deploy tests; loaded by path, sys.path is left alone."""
+    spec = importlib.util.spec_from_file_location("stablesdg_line_badinputs", BADINPUTS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+badinputs = _load_badinputs()
 
 CFG = {"image_size": 48, "k_shot": 2, "val_per_class": 1, "test_per_class": 1}
 INGEST_IN_CHILD = """
