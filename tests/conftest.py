@@ -96,7 +96,7 @@ def tiny_run_params(adapt_steps: int, checkpoint_every: int, generate: dict, **e
         "seed": 3,
         "data": {"image_size": 48},
         "classes": {"crazing": {"initializer": "crack"}, "scratches": {"initializer": "line"}},
-        "model": {"resolution": 32},
+        "model": {"base": "tiny", "resolution": 32},
         "adapt": {"embedding": {"steps": adapt_steps, "batch_size": 2, "learning_rate": 0.05},
                   "lora": {"steps": adapt_steps, "batch_size": 2, "rank": 2, "alpha": 2.0},
                   "checkpoint_every": checkpoint_every},

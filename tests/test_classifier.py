@@ -34,7 +34,7 @@ CLASSES = ["crazing", "patches", "scratches"]
 
 def classifier_params(**classifier) -> object:
     cfg = {"backbone": "mobilenet_v3_small", "input_size": 48, "epochs": 3, "batch_size": 8,
-           "learning_rate": 0.003, "patience": 3, **classifier}
+           "learning_rate": 0.003, "patience": 3, "repeats": 1, **classifier}
     return parse_params({"seed": 5, "classes": {c: {"initializer": "line"} for c in CLASSES}, "classifier": cfg})
 
 

@@ -88,3 +88,13 @@ def test_dotdot_class_from_params_yaml_is_refused_before_any_stage_runs(tmp_path
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"params\.yaml: classes\.'\.\.': class names must match"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_dataclass_defaults_are_the_pipeline_params():
+    """One source of defaults: code built with parse_params({...}) runs the pipeline's configuration."""
+    pipeline = {k: v for k, v in flatten(load_params(REPO_ROOT / "params.yaml")).items()
+                if not k.startswith("classes.")}
+    defaults = {k: v for k, v in flatten(parse_params({})).items() if not k.startswith("classes.")}
+    differing = {k: (defaults.get(k), pipeline.get(k)) for k in pipeline.keys() | defaults.keys()
+                 if defaults.get(k) != pipeline.get(k)}
+    assert differing == {}, f"config.py default vs params.yaml: {differing}"

@@ -33,7 +33,6 @@ def _small_params() -> str:
     raw["search"].update({"strength": [0.4, 0.7], "guidance_scale": [3.0], "steps": [4], "images_per_trial": 4,
                           "refine": False})
     raw["generate"].update({"per_class": 6, "steps": 4, "resolution": 48})
-    raw["metrics"]["offline_epochs"] = 3
     raw["classifier"].update({"input_size": 64, "epochs": 3, "batch_size": 16, "repeats": 1})
     raw["export"]["calibration_images"] = 12
     return yaml.safe_dump(raw, sort_keys=False)
@@ -73,7 +72,7 @@ def test_full_repro_runs_every_stage_and_writes_outputs(project):
         trials = json.loads((root / f"reports/search/{cls}.json").read_text())["trials"]
         assert len(trials) == 2
     fid = json.loads((root / "metrics/fid.json").read_text())
-    assert set(fid["per_class"]) == set(CLASSES) and fid["mean"]["fid_offline"] >= 0
+    assert set(fid["per_class"]) == set(CLASSES) and fid["mean"]["fid_surface"] >= 0
     train = json.loads((root / "metrics/train.json").read_text())
     assert 0.0 <= train["real_only"]["accuracy"] <= 1.0
     assert train["real_only"]["test_set_sha256"] == train["real_plus_synthetic"]["test_set_sha256"]

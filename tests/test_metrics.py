@@ -6,32 +6,40 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_processed
 from PIL import Image, ImageFilter
 
 from stablesdg.config import NEU_CLASSES, parse_params
+from stablesdg.corpus import FolderCorpus
 from stablesdg.demo import demo_image
 from stablesdg.metrics import (
     INCEPTION_FILE,
     INCEPTION_URL,
+    NET_RECORD,
+    SURFACE_FILE,
+    SURFACE_NET_DIR,
+    SURFACE_SIZE,
     FeatureCache,
     FeatureWeightsError,
     InceptionPool3,
     MetricsError,
+    SurfaceNetRecipe,
     features_command,
     featurize,
+    fid_bootstrap_std,
     fid_from_features,
     fid_kid,
     frechet_distance,
     kid_from_features,
     load_extractor,
-    load_offline_net,
-    offline_extractor,
+    load_surface_net,
+    nearest_distances,
+    novelty,
+    pretrain_surface_net,
+    save_surface_net,
+    surface_extractor,
     to_input,
-    train_embedding_net,
-    train_feature_net,
-    train_files,
 )
+from stablesdg.utils import read_json
 
 
 def demo_set(start: int, per_class: int, seed: int = 7, size: int = 64) -> list[Image.Image]:
@@ -46,26 +54,22 @@ def noisy(img: Image.Image, sigma: float, seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A processed 6-class demo set and the offline feature net trained on its train split."""
-    root = tmp_path_factory.mktemp("metrics")
-    processed = make_processed(root, list(NEU_CLASSES), per_class=14, size=64, k_shot=10)
-    params = parse_params({"seed": 0})
-    record = train_feature_net(params, processed, root / "feature_net")
-    return {"root": root, "processed": processed, "params": params, "record": record,
-            "net": load_offline_net(params, root / "feature_net", processed)}
+def world():
+    """The surface feature net shipped in the package (pretrained on the surface corpus, not on demo data)."""
+    return {"net": load_surface_net()}
 
 
 @pytest.fixture
 def extractor(world):
-    return offline_extractor(world["net"])
+    return surface_extractor(world["net"])
 
 
-def test_feature_net_record_and_fit(world):
-    record = world["record"]
-    assert record["feature_net"] == "offline" and record["train_images"] == 60
-    assert record["feature_dim"] == 64 and record["classes"] == list(NEU_CLASSES)
-    assert record["train_accuracy"] > 1 / 6 + 0.2, "the embedding must have learned the classes"
+def test_shipped_surface_net_record(world):
+    record = read_json(SURFACE_NET_DIR / NET_RECORD)
+    assert record["feature_net"] == "surface" and len(record["sources"]) >= 2
+    assert len(record["corpus_manifest_sha256"]) == 64 and record["corpus_images"] > 1000
+    assert record["heldout_accuracy"] > 1 / len(record["sources"]) + 0.3, "it must tell the sources apart"
+    assert world["net"].num_features == record["recipe"]["feature_dim"]
 
 
 def test_fid_of_a_set_with_itself_is_zero(extractor):
@@ -82,7 +86,7 @@ def test_fid_of_a_set_with_itself_is_zero(extractor):
 ], ids=["gaussian-noise", "blur"])
 def test_fid_rises_monotonically_with_degradation(extractor, degrade, levels):
     real, fake = demo_set(100, 8), demo_set(200, 8)
-    fids = [fid_kid(real, [degrade(img, lvl, i) for i, img in enumerate(fake)], extractor)["fid_offline"]
+    fids = [fid_kid(real, [degrade(img, lvl, i) for i, img in enumerate(fake)], extractor)["fid_surface"]
             for lvl in levels]
     assert all(a < b for a, b in zip(fids, fids[1:], strict=False)), fids
 
@@ -93,10 +97,10 @@ def test_fid_matches_torchmetrics_for_the_same_feature_module(world):
     net = world["net"]  # 64-d: 90 images per set keep both covariances full rank
     real = demo_set(300, 15)
     fake = [noisy(img, 10, i) for i, img in enumerate(demo_set(400, 15))]
-    ours = fid_kid(real, fake, offline_extractor(net))["fid_offline"]
+    ours = fid_kid(real, fake, surface_extractor(net))["fid_surface"]
     tm = FrechetInceptionDistance(feature=net, normalize=True)
-    tm.update(torch.stack([to_input(i, 64, antialias=True) for i in real]), real=True)
-    tm.update(torch.stack([to_input(i, 64, antialias=True) for i in fake]), real=False)
+    tm.update(torch.stack([to_input(i, SURFACE_SIZE, antialias=True) for i in real]), real=True)
+    tm.update(torch.stack([to_input(i, SURFACE_SIZE, antialias=True) for i in fake]), real=False)
     theirs = float(tm.compute())
     assert ours > 1.0
     assert abs(ours - theirs) <= 1e-3 * abs(theirs), (ours, theirs)
@@ -130,9 +134,9 @@ def test_kid_works_on_twenty_images_and_refuses_one(extractor):
 
 def test_cached_and_uncached_runs_give_identical_numbers(world, tmp_path):
     real, fake = demo_set(700, 3), [noisy(img, 8, i) for i, img in enumerate(demo_set(800, 3))]
-    plain = offline_extractor(world["net"])
+    plain = surface_extractor(world["net"])
     uncached = fid_kid(real, fake, plain)
-    cached_ext = offline_extractor(world["net"])
+    cached_ext = surface_extractor(world["net"])
     cache = FeatureCache(tmp_path / "cache")
     cold = fid_kid(real, fake, cached_ext, cache)
     assert cached_ext.featurized == len(real) + len(fake) and cache.hits == 0
@@ -173,27 +177,65 @@ def test_inception_loads_a_weights_file_and_gives_pool3_features(tmp_path):
         load_extractor(params)
 
 
-def test_offline_net_training_is_deterministic(world):
-    files = train_files(world["params"], world["processed"])
-    params = parse_params({"seed": 5, "metrics": {"offline_epochs": 2, "offline_feature_dim": 16}})
+def write_corpus(root, sources=("crazing", "patches", "scratches"), per_source=6, size=96):
+    """A small image corpus: one sub-folder per source (demo textures stand in for real surfaces)."""
+    for source in sources:
+        (root / source).mkdir(parents=True, exist_ok=True)
+        for i in range(per_source):
+            demo_image(source, i, 11, size).save(root / source / f"{i}.png")
+    return root
+
+
+def test_surface_net_pretraining_is_deterministic_and_round_trips(tmp_path):
+    corpus = FolderCorpus(write_corpus(tmp_path / "corpus"), 64)
+    recipe = SurfaceNetRecipe(epochs=2, feature_dim=16, batch_size=8, input_size=64)
     images = demo_set(1000, 2)
-    a = featurize(offline_extractor(train_embedding_net(params, files)[0]), images)
-    b = featurize(offline_extractor(train_embedding_net(params, files)[0]), images)
-    other = parse_params({"seed": 6, "metrics": {"offline_epochs": 2, "offline_feature_dim": 16}})
-    c = featurize(offline_extractor(train_embedding_net(other, files)[0]), images)
-    assert np.array_equal(a, b)
-    assert not np.allclose(a, c)
+    a, stats = pretrain_surface_net(corpus, recipe)
+    b, _ = pretrain_surface_net(corpus, recipe)
+    c, _ = pretrain_surface_net(corpus, SurfaceNetRecipe(epochs=2, feature_dim=16, batch_size=8, input_size=64,
+                                                         seed=1))
+    fa, fb, fc = (featurize(surface_extractor(n), images) for n in (a, b, c))
+    assert np.array_equal(fa, fb) and not np.allclose(fa, fc)
+    assert stats["sources"] == ["crazing", "patches", "scratches"] and stats["heldout_images"] == 3
+    path = save_surface_net(a, tmp_path / "net", {"corpus": "corpus", "corpus_manifest_sha256": corpus.manifest_sha256()})
+    assert np.array_equal(featurize(surface_extractor(load_surface_net(tmp_path / "net")), images), fa)
+    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(FeatureWeightsError, match="sha256"):
+        load_surface_net(tmp_path / "net")
+    with pytest.raises(FeatureWeightsError, match=SURFACE_FILE):
+        load_surface_net(tmp_path / "nowhere")
 
 
-def test_features_command_and_stale_net(world, tmp_path, mlflow_store):
+def test_corpus_skips_a_bad_file_and_hashes_content(tmp_path):
+    root = write_corpus(tmp_path / "c", per_source=2)
+    (root / "patches" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    corpus = FolderCorpus(root, 32)
+    assert len(corpus.images) == 6 and corpus.skipped and "broken.png" in corpus.skipped[0]
+    before = corpus.manifest_sha256()
+    demo_image("crazing", 50, 11, 96).save(root / "crazing" / "0.png")
+    assert FolderCorpus(root, 32).manifest_sha256() != before
+    views, captions = corpus.views(np.random.default_rng(0), 5, 24)
+    assert views.shape == (5, 24, 24) and views.dtype == np.uint8 and all("texture" in c for c in captions)
+
+
+def test_noise_and_novelty_measures():
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(60, 8)), rng.normal(size=(40, 8)) + 0.5
+    assert fid_bootstrap_std(real, fake, 20, 0) > 0 and np.isnan(fid_bootstrap_std(real, fake, 0, 0))
+    train = rng.normal(size=(10, 8))
+    copies = train[rng.integers(0, 10, 30)] + 1e-3 * rng.normal(size=(30, 8))
+    assert novelty(copies, real, train) < 0.05, "copies of the train images have no novelty"
+    assert 0.6 < novelty(rng.normal(size=(50, 8)), real, train) < 1.6, "new samples are as novel as real ones"
+    d, idx = nearest_distances(train[:3] + 1e-6, train)
+    assert idx.tolist() == [0, 1, 2] and np.all(d < 1e-5)
+
+
+def test_features_command_records_the_shipped_net(tmp_path, mlflow_store):
     out = tmp_path / "fn"
-    (tmp_path / "params.yaml").write_text("seed: 0\nmetrics: {offline_epochs: 2}\n")
-    result = CliRunner().invoke(features_command, ["--params", str(tmp_path / "params.yaml"), "--processed",
-                                                   str(world["processed"]), "--out", str(out)])
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    result = CliRunner().invoke(features_command, ["--params", str(tmp_path / "params.yaml"), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert (out / "feature_net.pt").exists() and "offline" in result.output
-    load_offline_net(parse_params({"seed": 0, "metrics": {"offline_epochs": 2}}), out, world["processed"])
-    with pytest.raises(FeatureWeightsError, match="stale.*epochs"):
-        load_offline_net(parse_params({"seed": 0}), out, world["processed"])
-    with pytest.raises(FeatureWeightsError, match="stablesdg features"):
-        load_offline_net(world["params"], tmp_path / "nowhere")
+    record = read_json(out / NET_RECORD)
+    shipped = read_json(SURFACE_NET_DIR / NET_RECORD)
+    assert record["feature_net"] == "surface" and record["weights_sha256"] == shipped["sha256"]
+    assert record["corpus_manifest_sha256"] == shipped["corpus_manifest_sha256"]

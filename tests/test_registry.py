@@ -46,7 +46,8 @@ NAME = "steel-defect-classifier"
 def registry_params() -> object:
     return parse_params({
         "seed": 7, "classes": {c: {"initializer": "line"} for c in CLASSES},
-        "classifier": {"input_size": 48, "epochs": 4, "batch_size": 8, "learning_rate": 0.003, "patience": 4},
+        "classifier": {"backbone": "mobilenet_v3_small", "input_size": 48, "epochs": 4, "batch_size": 8,
+                       "learning_rate": 0.003, "patience": 4, "repeats": 1},
     })
 
 

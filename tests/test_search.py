@@ -16,21 +16,21 @@ from stablesdg.ablation import VARIANTS, ablation_command
 from stablesdg.adaptation import adapt_class
 from stablesdg.config import SearchConfig, load_params
 from stablesdg.generation import generate_class
-from stablesdg.metrics import train_feature_net
 from stablesdg.search import Trial, evaluate_command, refine_trials, search_command
 
 CLASSES = ["crazing", "scratches"]
 RAW = tiny_run_params(
     4, 4, {"per_class": 4, "batch_size": 4, "steps": 4, "strength": 0.6},
-    search={"strength": [0.4, 0.8], "guidance_scale": [3.0], "steps": [4], "images_per_trial": 3,
-            "refine": True, "refine_rounds": 1},
-    metrics={"offline_epochs": 2, "offline_feature_dim": 8, "kid_subsets": 5},
+        # strength 0.05 x 4 steps is no denoising step at all: the trial's images are the train images themselves
+    search={"strength": [0.05, 0.8], "guidance_scale": [3.0], "steps": [4], "images_per_trial": 3,
+            "refine": True, "refine_rounds": 1, "min_novelty": 0.5, "bootstrap": 5},
+    metrics={"kid_subsets": 5},
 )
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Processed data, the params file, trained adapters for both classes and the offline feature net."""
+    """Processed data, the params file and trained adapters for both classes."""
     root = tmp_path_factory.mktemp("search")
     processed = make_processed(root, CLASSES, per_class=8, size=48, k_shot=3)
     params_file = root / "params.yaml"
@@ -39,7 +39,6 @@ def world(tmp_path_factory):
     for cls in CLASSES:
         adapt_class(params, cls, processed, root / "adapters", root / "reports", checkpoint_root=root / "ckpt",
                     track=False)
-    train_feature_net(params, processed, root / "fn")
     return {"root": root, "processed": processed, "params_file": params_file, "params": params}
 
 
@@ -52,16 +51,22 @@ def invoke(command, args: list) -> str:
 def test_search_writes_every_trial_the_best_and_the_plot(world, mlflow_store, tmp_path):
     root = world["root"]
     invoke(search_command, ["--class", "crazing", "--params", world["params_file"], "--processed",
-                            world["processed"], "--adapters", root / "adapters", "--features", root / "fn",
-                            "--out", tmp_path / "search"])
+                            world["processed"], "--adapters", root / "adapters", "--out", tmp_path / "search"])
     summary = json.loads((tmp_path / "search" / "crazing.json").read_text())
     trials = summary["trials"]
-    assert summary["feature_net"] == "offline" and summary["metric"] == "fid_offline"
-    assert [t["stage"] for t in trials][:2] == ["grid", "grid"] and len(trials) == 4, trials  # 2 grid + 2 refine
-    assert all(math.isfinite(t["fid_offline"]) and "seconds" not in t for t in trials)  # timings: MLflow only
-    best = min(trials, key=lambda t: t["fid_offline"])
-    assert summary["best"] == {k: best[k] for k in ("strength", "guidance_scale", "steps", "fid_offline",
-                                                     "kid_offline_mean")}
+    assert summary["feature_net"] == "surface" and summary["metric"] == "fid_surface"
+    assert summary["real_split"] == "val+pool" and summary["n_train"] == 3
+    assert [t["stage"] for t in trials] == ["grid", "grid", "refine-1"], trials  # 0.8 +/- 0.375: one in range
+    assert all(math.isfinite(t["fid_surface"]) and "seconds" not in t for t in trials)  # timings: MLflow only
+    assert all(t["fid_surface_std"] > 0 for t in trials), "each trial reports its FID noise"
+    copy = next(t for t in trials if t["strength"] == 0.05)
+    assert copy["novelty"] < 0.01 and summary["rejected_as_copies"] >= 1, "the train images themselves"
+    novel = [t for t in trials if t["novelty"] >= 0.5]
+    best = min(novel, key=lambda t: t["fid_surface"]) if novel else max(trials, key=lambda t: t["novelty"])
+    assert summary["best"]["strength"] != 0.05, "a copy of the train images must never win"
+    assert summary["best"] == {k: best[k] for k in ("strength", "guidance_scale", "steps", "fid_surface",
+                                                     "fid_surface_std", "kid_surface_mean", "novelty")}
+    assert set(summary["noise"]) == {"median_fid_surface_std", "best_vs_runner_up_sigmas"}
     rows = list(csv.reader((tmp_path / "search" / "crazing_fid_vs_strength.csv").open()))
     assert rows[0] == ["strength", "fid"]
     assert sorted(float(r[0]) for r in rows[1:]) == sorted({t["strength"] for t in trials})
@@ -71,9 +76,9 @@ def test_search_writes_every_trial_the_best_and_the_plot(world, mlflow_store, tm
     parent = next(r for r in runs if r.info.run_name == "search-crazing")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == len(trials)
-    assert all({"strength", "guidance_scale", "steps"} <= set(c.data.params) and "fid_offline" in c.data.metrics
-               for c in children)
-    assert parent.data.metrics["best_fid_offline"] == pytest.approx(best["fid_offline"])
+    assert all({"strength", "guidance_scale", "steps"} <= set(c.data.params) and "fid_surface" in c.data.metrics
+               and "novelty" in c.data.metrics for c in children)
+    assert parent.data.metrics["best_fid_surface"] == pytest.approx(best["fid_surface"])
 
 
 def test_evaluate_writes_the_exact_metrics_shape(world, mlflow_store, tmp_path):
@@ -82,27 +87,28 @@ def test_evaluate_writes_the_exact_metrics_shape(world, mlflow_store, tmp_path):
         generate_class(params, cls, world["processed"], root / "adapters" / cls, tmp_path / "synthetic" / cls,
                        tmp_path / "no-search" / f"{cls}.json")
     invoke(evaluate_command, ["--params", world["params_file"], "--processed", world["processed"], "--synthetic",
-                              tmp_path / "synthetic", "--features", root / "fn", "--metrics",
+                              tmp_path / "synthetic", "--metrics",
                               tmp_path / "metrics" / "fid.json", "--grids", tmp_path / "grids"])
     result = json.loads((tmp_path / "metrics" / "fid.json").read_text())
-    assert list(result) == ["feature_net", "per_class", "mean"] and result["feature_net"] == "offline"
+    assert list(result) == ["feature_net", "per_class", "mean"] and result["feature_net"] == "surface"
     assert list(result["per_class"]) == CLASSES
     for rec in result["per_class"].values():
-        assert set(rec) == {"fid_offline", "kid_offline_mean", "kid_offline_std", "n_real", "n_synthetic"}
-        assert rec["n_real"] == 3 and rec["n_synthetic"] == 4 and math.isfinite(rec["fid_offline"])
-    assert set(result["mean"]) == {"fid_offline", "kid_offline_mean"}
-    fids = [r["fid_offline"] for r in result["per_class"].values()]
-    assert result["mean"]["fid_offline"] == pytest.approx(sum(fids) / len(fids))
+        assert set(rec) == {"fid_surface", "kid_surface_mean", "kid_surface_std", "novelty", "nearest_train_ssim",
+                            "n_real", "n_synthetic"}
+        assert rec["n_real"] == 3 and rec["n_synthetic"] == 4 and math.isfinite(rec["fid_surface"])
+        assert rec["novelty"] > 0 and -1 <= rec["nearest_train_ssim"] < 0.99, "generated, not copied"
+    assert set(result["mean"]) == {"fid_surface", "kid_surface_mean", "novelty", "nearest_train_ssim"}
+    fids = [r["fid_surface"] for r in result["per_class"].values()]
+    assert result["mean"]["fid_surface"] == pytest.approx(sum(fids) / len(fids))
     assert all((tmp_path / "grids" / f"{cls}.png").exists() for cls in CLASSES)
     run = mlflow.search_runs(experiment_names=["stablesdg"], output_format="list")[0]
     assert "grids" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
 
 
 def test_ablation_scores_every_variant(world, mlflow_store, tmp_path):
-    root = world["root"]
     output = invoke(ablation_command, ["--params", world["params_file"], "--processed", world["processed"],
                                        "--classes", "crazing", "--images", 3, "--adapt-steps", 2, "--steps", 4,
-                                       "--features", root / "fn", "--search", tmp_path / "none",
+                                       "--search", tmp_path / "none",
                                        "--out", tmp_path / "reports"])
     result = json.loads((tmp_path / "reports" / "ablation.json").read_text())
     assert [r["id"] for r in result["rows"]] == [v.id for v in VARIANTS]
@@ -110,7 +116,7 @@ def test_ablation_scores_every_variant(world, mlflow_store, tmp_path):
     assert result["adapt_steps"] == {"embedding": 2, "lora": 2}
     table = (tmp_path / "reports" / "ablation.md").read_text()
     assert "| variant | crazing | mean |" in table and all(v.label in table for v in VARIANTS)
-    assert "fid_offline" in output
+    assert "fid_surface" in output
 
 
 def test_refinement_halves_the_grid_spacing_and_keeps_guidance_at_least_one():

@@ -17,7 +17,8 @@ import click
 from tqdm import tqdm
 
 from .config import Params
-from .metrics import FEATURE_DIR, FeatureWeightsError, MetricsError, Scorer, load_scorer
+from .metrics import FeatureWeightsError, MetricsError, Scorer, load_scorer
+from .options import load_or_exit, params_option
 from .search import cycled, seeds_for
 from .utils import write_json
 
@@ -36,7 +37,8 @@ VARIANTS = (
     Variant("lora", "LoRA only", ("lora",)),
     Variant("both", "embedding + LoRA, img2img (method)", ("embedding", "lora")),
     Variant("both_txt2img", "embedding + LoRA, txt2img (pure noise)", ("embedding", "lora"), "txt2img"),
-    Variant("real_train", "reference: real train images", None),
+    Variant("real_train", "reference: the k real train images", None),
+    Variant("real_heldout", "reference: as many held-out real images (val + pool)", None),
 )
 
 
@@ -59,12 +61,28 @@ class AblationRun:
     split: str
     steps: int | None = None  # inference steps override
     search_dir: Path = Path("reports/search")
+    adapters: Path = Path("models/adapters")
 
     def settings(self, cls: str):
         from .generation import chosen_settings
 
         settings, _ = chosen_settings(self.params, self.search_dir / f"{cls}.json")
         return replace(settings, steps=self.steps) if self.steps else settings
+
+    def pipeline_adapters_fit(self, cls: str) -> bool:
+        from .data import split_paths
+        from .utils import read_json
+
+        record_file = self.adapters / cls / "adapter.json"
+        if not record_file.exists():
+            return False
+        record, class_cfg, adapt = read_json(record_file), self.params.class_config(cls), self.params.adapt
+        expected = {"embedding_steps": class_cfg.embedding_steps if class_cfg.embedding_steps is not None
+                    else adapt.embedding.steps,
+                    "lora_steps": class_cfg.lora_steps if class_cfg.lora_steps is not None else adapt.lora.steps,
+                    "train_images": [p.name for p in split_paths(self.processed, cls, "train")],
+                    "base_model": self.params.model.base}
+        return all(record.get(k) == v for k, v in expected.items())
 
     def class_scores(self, cls: str, work: Path) -> dict[str, dict]:
         """Every variant's scores for one class; one adapted pipeline alive at a time (SD 1.5 is 4 GB)."""
@@ -73,7 +91,11 @@ class AblationRun:
         train, real = split_paths(self.processed, cls, "train"), split_paths(self.processed, cls, self.split)
         sources, seeds = cycled(train, self.images), seeds_for(self.params, cls, "ablation", self.images)
         settings = self.settings(cls)
-        out: dict[str, dict] = {"real_train": self.scorer.score(real, train)}
+        from .search import heldout_paths
+
+        heldout = heldout_paths(self.processed, cls)[:self.images]
+        out: dict[str, dict] = {"real_train": self.scorer.score(real, train),
+                                "real_heldout": self.scorer.score(real, heldout)}
         for stages in tqdm(dict.fromkeys(v.stages for v in VARIANTS if v.stages is not None),
                            desc=f"ablation {cls}", unit="adaptation"):
             pipe = self.adapted(cls, stages, work)
@@ -83,8 +105,13 @@ class AblationRun:
         return out
 
     def adapted(self, cls: str, stages: tuple[str, ...], work: Path):
-        """A fresh adaptation restricted to `stages` (own folder: checkpoints do not record the stages)."""
+        """A fresh adaptation restricted to `stages` (own folder: checkpoints do not record the stages); the
+        pipeline's own adapters serve the full method when they were trained with the same steps and images."""
         from .adaptation import adapt_class
+        from .generation import load_adapted_pipeline
+
+        if stages == ("embedding", "lora") and self.pipeline_adapters_fit(cls):
+            return load_adapted_pipeline(self.params, cls, self.adapters / cls)
 
         folder = work / ("-".join(stages) or "none")
         pipe, _ = adapt_class(self.params, cls, self.processed, folder, folder / "reports",
@@ -119,10 +146,10 @@ def markdown(rows: list[dict], classes: list[str], fid_key: str, note: str) -> s
 
 def run_ablation(params: Params, processed: Path, classes: list[str], out_dir: Path, images: int,
                  adapt_steps: int | None = None, steps: int | None = None, split: str = "test",
-                 feature_dir: Path = FEATURE_DIR, search_dir: Path = Path("reports/search")) -> dict:
+                 search_dir: Path = Path("reports/search")) -> dict:
     """Score every variant for every class; writes ablation.json and ablation.md into out_dir."""
     params = with_adapt_steps(params, adapt_steps)
-    scorer = load_scorer(params, feature_dir, processed)
+    scorer = load_scorer(params)
     run = AblationRun(params, processed, scorer, images, split, steps, search_dir)
     with tempfile.TemporaryDirectory(prefix="stablesdg-ablation-") as tmp:
         per_class = {cls: run.class_scores(cls, Path(tmp) / cls) for cls in classes}
@@ -160,7 +187,7 @@ def _classes(params: Params, processed: Path, wanted: str | None) -> list[str]:
 
 
 @click.command("ablation")
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@params_option
 @click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
 @click.option("--classes", default=None, help="comma-separated classes (default: all)")
 @click.option("--images", default=16, show_default=True, type=click.IntRange(2), help="synthetic images per class")
@@ -169,15 +196,12 @@ def _classes(params: Params, processed: Path, wanted: str | None) -> list[str]:
 @click.option("--steps", default=None, type=click.IntRange(1), help="inference steps (default: search best)")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["val", "test"]),
               help="real held-out images to score against")
-@click.option("--features", "feature_dir", default=str(FEATURE_DIR), show_default=True,
-              type=click.Path(path_type=Path))
 @click.option("--search", "search_dir", default="reports/search", show_default=True, type=click.Path(path_type=Path))
 @click.option("--out", default="reports", show_default=True, type=click.Path(path_type=Path))
 def ablation_command(params_path: str, processed: Path, classes: str | None, images: int, adapt_steps: int | None,
-                     steps: int | None, split: str, feature_dir: Path, search_dir: Path, out: Path) -> None:
+                     steps: int | None, split: str, search_dir: Path, out: Path) -> None:
     """FID of no adaptation / embedding only / LoRA only / both, and txt2img vs img2img, per class."""
     from . import tracking
-    from .cli import load_or_exit
 
     params = load_or_exit(params_path)
     names = _classes(params, processed, classes)
@@ -185,8 +209,7 @@ def ablation_command(params_path: str, processed: Path, classes: str | None, ima
         with tracking.stage_run("ablation", params, inputs=[processed / "splits"]):
             import mlflow
 
-            result = run_ablation(params, processed, names, out, images, adapt_steps, steps, split, feature_dir,
-                                  search_dir)
+            result = run_ablation(params, processed, names, out, images, adapt_steps, steps, split, search_dir)
             mlflow.log_metrics({f"{r['id']}_{k}": v for r in result["rows"] for k, v in r.items()
                                 if k not in ("id", "variant")})
             mlflow.log_artifact(str(out / "ablation.json"))

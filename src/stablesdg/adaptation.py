@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import Params
+from .options import load_or_exit, params_option
 from .utils import canonical_safetensors_header, derive_seed, pick_device, sha256_file, write_json
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -525,13 +526,12 @@ def adapt_grid(pipe, params: Params, data: ClassData, n: int = 4) -> Image.Image
 
 @click.command("adapt")
 @click.option("--class", "cls", required=True, help="defect class to adapt to")
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@params_option
 @click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
 @click.option("--out", default="models/adapters", show_default=True, type=click.Path(path_type=Path))
 @click.option("--reports", default="reports/adapt", show_default=True, type=click.Path(path_type=Path))
 def adapt_command(cls: str, params_path: str, processed: Path, out: Path, reports: Path) -> None:
     """Textual inversion, then LoRA (U-Net + text encoder) on the class's k-shot images."""
-    from .cli import load_or_exit
 
     params = load_or_exit(params_path)
     params.class_config(cls)

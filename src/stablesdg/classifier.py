@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import ClassifierConfig, Params
+from .options import load_or_exit, params_option
 from .preprocess import PreprocessSpec, preprocess_image
 from .utils import (
     canonical_safetensors_header,
@@ -94,10 +95,114 @@ def build_backbone(
         raise ValueError(f"classifier.backbone: {backbone!r} is not supported; use one of {', '.join(BACKBONES)}")
     if not pretrained:
         return get_model(backbone, weights=None, num_classes=num_classes)
+    if weights_path and Path(weights_path).suffix == ".safetensors":
+        return load_body_weights(get_model(backbone, weights=None, num_classes=num_classes), Path(weights_path))
     model = get_model(backbone, weights=None)
     state = torch.load(resolve_weights(backbone, weights_path), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return _replace_head(model, num_classes)
+
+
+def head_prefix(model: nn.Module) -> str:
+    """State-dict prefix of the last Linear layer (the task head: `fc.` or `classifier.3.`)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1] + "."
+
+
+def load_body_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Every weight but the head from a `pretrain_backbone` file; the head stays freshly initialised."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise PretrainedWeightsError(
+            f"classifier.weights_path: {path} not found. Make it with `stablesdg pretrain backbone --corpus DIR "
+            f"--out {path}` (see README 'Surface-pretrained backbone'), or set classifier.pretrained: false.")
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    head = head_prefix(model)
+    if unexpected or any(not k.startswith(head) for k in missing):
+        raise PretrainedWeightsError(
+            f"classifier.weights_path: {path} does not fit classifier.backbone "
+            f"({len(unexpected)} unexpected, {len(missing)} missing keys, e.g. {(unexpected or missing)[:2]})")
+    return model
+
+
+# --------------------------------------------------------------------------------------- corpus pretraining
+@dataclass
+class BackbonePretrainConfig:
+    backbone: str = "resnet18"
+    input_size: int = 128
+    epochs: int = 5
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    holdout: float = 0.1
+    seed: int = 0
+
+
+def pretrain_backbone(corpus, cfg: BackbonePretrainConfig, device: str = "cpu",
+                      log: Callable[[str, int, float], None] | None = None) -> tuple[nn.Module, dict]:
+    """Supervised pretraining on the corpus (which source a view comes from), the ImageNet stand-in.
+
+    Views are random regions at the classifier's input size and texture scale, grey replicated to 3 planes,
+    normalised as `PreprocessSpec` does: the same input contract as the defect classifier it initialises.
+    """
+    log = log or (lambda *_: None)
+    spec = PreprocessSpec(class_names=list(corpus.sources), input_size=(cfg.input_size, cfg.input_size))
+    mean = torch.tensor(spec.mean)[None, :, None, None]
+    std = torch.tensor(spec.std)[None, :, None, None]
+
+    def batch(rng: np.random.Generator, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        grey, _ = corpus.views(rng, len(idx), cfg.input_size, indices=idx)
+        x = torch.from_numpy(grey.astype(np.float32) / 255.0)[:, None].expand(-1, 3, -1, -1)
+        return (x - mean) / std, torch.tensor([corpus.labels[int(i)] for i in idx])
+
+    seed_everything(cfg.seed)
+    train_idx, held_idx = corpus.holdout(cfg.holdout, cfg.seed)
+    from torchvision.models import get_model
+
+    model = get_model(cfg.backbone, weights=None, num_classes=len(corpus.sources)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.learning_rate, total_steps=steps, pct_start=0.1)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    rng, gen = np.random.default_rng(derive_seed("backbone-views", cfg.seed)), torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
+        for start in tqdm(range(0, len(order), cfg.batch_size), desc=f"backbone epoch {epoch + 1}/{cfg.epochs}"):
+            x, y = batch(rng, order[start:start + cfg.batch_size])
+            x = augment_batch(x, spec, gen)
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            log("backbone_loss", step, loss.item())
+            step += 1
+    model.eval()
+    eval_rng = np.random.default_rng(derive_seed("backbone-heldout", cfg.seed))
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(held_idx), 128):
+            x, y = batch(eval_rng, held_idx[start:start + 128])
+            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+    return model.cpu(), {"heldout_accuracy": correct / max(1, len(held_idx)), "heldout_images": len(held_idx),
+                         "train_images": len(train_idx), "sources": list(corpus.sources), "steps": step}
+
+
+def save_body_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> Path:
+    """Every weight but the head, as fp16 safetensors (half the size; the loader casts back to float32)."""
+    from safetensors.torch import save_file
+
+    head = head_prefix(model)
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous()
+             for k, v in model.state_dict().items() if not k.startswith(head)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=metadata)
+    canonical_safetensors_header(path)
+    return path
 
 
 def make_spec(class_names: Sequence[str], cfg: ClassifierConfig) -> PreprocessSpec:
@@ -669,17 +774,16 @@ def _synthetic_hash(synthetic_dir: Path) -> str:
 
 
 def mean_fid(fid_file: Path | None) -> float | None:
-    """The mean FID of `metrics/fid.json` (`fid` for Inception, `fid_offline` for the offline feature net)."""
+    """The mean FID of `metrics/fid.json` (`fid` for Inception, `fid_surface` for the surface feature net)."""
     if fid_file is None or not Path(fid_file).exists():
         return None
     mean = read_json(fid_file).get("mean", {})
-    value = mean.get("fid", mean.get("fid_offline"))
+    value = mean.get("fid", mean.get("fid_surface"))
     return float(value) if isinstance(value, (int, float)) else None
 
 
 @click.command("train")
-@click.option("--params", "params_path", default="params.yaml", show_default=True,
-              type=click.Path(dir_okay=False))
+@params_option
 @click.option("--processed", default="data/processed", show_default=True, type=click.Path(file_okay=False))
 @click.option("--synthetic", default="data/synthetic", show_default=True, type=click.Path(file_okay=False))
 @click.option("--fid", "fid_file", default="metrics/fid.json", show_default=True, type=click.Path(dir_okay=False))
@@ -693,7 +797,6 @@ def mean_fid(fid_file: Path | None) -> float | None:
 def train_command(params_path: str, processed: str, synthetic: str, fid_file: str, metrics_file: str,
                   reports: str, weights_dir: str, register: bool) -> None:
     """Train the real-only baseline and the real+synthetic classifier; compare them on the real test set."""
-    from .cli import load_or_exit
 
     params = load_or_exit(params_path)
     try:

@@ -9,18 +9,7 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, load_params
-
-params_option = click.option(
-    "--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False)
-)
-
-
-def load_or_exit(path: str):
-    try:
-        return load_params(path)
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from None
+from .options import load_or_exit, params_option
 
 
 class LazyGroup(click.Group):
@@ -50,6 +39,8 @@ LAZY_COMMANDS = {
     "export": "stablesdg.export:export_command",
     "ablation": "stablesdg.ablation:ablation_command",
     "prior": "stablesdg.prior:prior_group",
+    "pretrain": "stablesdg.pretrain:pretrain_group",
+    "recognition": "stablesdg.recognition:recognition_command",
     "features": "stablesdg.metrics:features_command",
 }
 
@@ -77,20 +68,20 @@ def data() -> None:
 @params_option
 @click.option("--out", default="data/demo", show_default=True, type=click.Path(file_okay=False))
 def data_demo(params_path: str, out: str) -> None:
-    """Write the procedural NEU-style demo set (class-per-folder layout)."""
+    """Write the procedural NEU-style demo set (its six classes, class-per-folder layout).
+
+    The demo set is always the same six classes, whatever `classes` lists: with your own data.source and
+    classes, this stage stays harmless and ingest reads your folder.
+    """
     import shutil
 
-    from .demo import write_demo_dataset
+    from .demo import TEXTURES, write_demo_dataset
 
     params = load_or_exit(params_path)
     out_dir = Path(out)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    try:
-        n = write_demo_dataset(out_dir, params.class_names, params.data.demo.per_class, params.data.demo.size,
-                               params.seed)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
+    n = write_demo_dataset(out_dir, list(TEXTURES), params.data.demo.per_class, params.data.demo.size, params.seed)
     click.echo(f"demo: wrote {n} images to {out_dir}")
 
 

@@ -40,6 +40,7 @@ class TinyConfig:
     vae_channels: tuple[int, ...] = (32, 64)
     text_hidden: int = 32
     text_layers: int = 2
+    latent_channels: int = 4
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -50,32 +51,47 @@ class BaseModelError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------- tiny model
-def write_tiny_tokenizer(folder: Path) -> None:
-    """Train a small CLIP-style BPE (end-of-word `</w>`) on TINY_WORDS and write vocab.json + merges.txt."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def bpe_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges learnt on `words` until each is one symbol, ties broken by the pair itself.
 
-    tokenizer = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    Written out because the `tokenizers` trainer breaks count ties differently on every run, and the merges
+    decide the token ids, so the text encoder's weights would not reproduce from a seed.
+    """
+    from collections import Counter
+
+    corpus = {tuple(w[:-1]) + (w[-1] + "</w>",): 1 for w in dict.fromkeys(words)}
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs = Counter(p for word in corpus for p in zip(word, word[1:], strict=False))
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = {}
+        for word in corpus:
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] = 1
+        corpus = merged
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """A small CLIP-style BPE (end-of-word `</w>`) on TINY_WORDS: vocab.json + merges.txt, byte-identical on
+    every run. Every printable ASCII character is in the vocabulary, so any text stays encodable."""
     alphabet = [chr(c) for c in range(33, 127)]
-    trainer = trainers.BpeTrainer(
-        vocab_size=2000,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    # Each word repeated so every merge up to the whole word is learnt; the alphabet keeps any text encodable.
-    corpus = [" ".join(TINY_WORDS)] * 4 + [" ".join(alphabet)]
-    tokenizer.train_from_iterator(corpus, trainer)
+    merges = bpe_merges(TINY_WORDS)
+    vocab = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(ch + "</w>" for ch in alphabet)]
+    vocab += [a + b for a, b in merges]
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = tokenizer.get_vocab()
-    for ch in alphabet:  # CLIP's BPE ends every word with a `</w>` symbol, also single characters
-        vocab.setdefault(ch + "</w>", len(vocab))
-    ordered = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(ordered)}, ensure_ascii=False))
-    merges = json.loads(tokenizer.to_str())["model"]["merges"]
-    lines = [" ".join(m) if isinstance(m, list) else m for m in merges]
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+    ids = {tok: i for i, tok in enumerate(dict.fromkeys(vocab))}
+    (folder / "vocab.json").write_text(json.dumps(ids, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
 
 
@@ -96,15 +112,15 @@ def build_tiny_pipeline(cfg: TinyConfig):
         down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
         block_out_channels=cfg.vae_channels,
-        latent_channels=4,
+        latent_channels=cfg.latent_channels,
         norm_num_groups=16,
         sample_size=cfg.resolution,
     )
     latent = cfg.resolution // 2 ** (len(cfg.vae_channels) - 1)
     unet = UNet2DConditionModel(
         sample_size=latent,
-        in_channels=4,
-        out_channels=4,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
         layers_per_block=1,
         block_out_channels=cfg.unet_channels,
         # Attention at the coarser levels only, as SD does at its finest level's cost.

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import __version__
 from .config import Params
+from .options import load_or_exit, params_option
 from .preprocess import PreprocessSpec
 from .utils import sha256_file, sha256_tree, write_json
 
@@ -405,7 +406,7 @@ def log_export(params: Params, summary: dict, out: Path, quantized_dir: Path, pr
 
 
 @click.command("export")
-@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@params_option
 @click.option("--processed", default="data/processed", show_default=True, type=click.Path(file_okay=False))
 @click.option("--out", default="models/classifier.onnx", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--quantized-dir", default="models/quantized", show_default=True, type=click.Path(file_okay=False),
@@ -418,7 +419,6 @@ def log_export(params: Params, summary: dict, out: Path, quantized_dir: Path, pr
 def export_command(params_path: str, processed: str, out: str, quantized_dir: str, metrics_file: str,
                    int8_format: str) -> None:
     """Export the MLflow champion to ONNX (+ gated int8), check parity on the real test set, log it."""
-    from .cli import load_or_exit
 
     params = load_or_exit(params_path)
     try:

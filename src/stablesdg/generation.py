@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import Params
+from .options import load_or_exit, params_option
 from .utils import derive_seed, pick_device, read_json, sha256_file, write_json
 
 PROMPT = "A photo of {}"
@@ -190,7 +191,7 @@ def _write_manifest(out_dir: Path, header: dict, records: dict[str, dict]) -> No
 
 @click.command("generate")
 @click.option("--class", "cls", required=True, help="defect class to generate")
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@params_option
 @click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
 @click.option("--adapters", default="models/adapters", show_default=True, type=click.Path(path_type=Path))
 @click.option("--search", "search_dir", default="reports/search", show_default=True, type=click.Path(path_type=Path))
@@ -198,7 +199,6 @@ def _write_manifest(out_dir: Path, header: dict, records: dict[str, dict]) -> No
 def generate_command(cls: str, params_path: str, processed: Path, adapters: Path, search_dir: Path,
                      out: Path) -> None:
     """Synthetic images for one class from its real training images (img2img) with the adapted model."""
-    from .cli import load_or_exit
 
     params = load_or_exit(params_path)
     params.class_config(cls)

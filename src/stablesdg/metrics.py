@@ -1,9 +1,11 @@
-"""FID and KID between real and synthetic images, on Inception-v3 pool3 features or an offline embedding net.
+"""FID and KID between real and synthetic images, on Inception-v3 pool3 features or the surface feature net.
 
 `inception` is the standard FID network (pytorch-fid's port of the TF 2015-12-05 graph, 2048-d pool3 features,
 bilinear resize to 299): numbers comparable with published FIDs; it needs the weights file, which cannot be
-downloaded here. `offline` is a small CNN trained on the real train split (all classes, classification
-objective); its numbers carry the suffix `_offline` everywhere, so nobody mistakes them for Inception FID.
+downloaded here. `surface` is a small CNN shipped in the package, pretrained on the surface corpus (which of 11
+industrial/texture sources a view comes from), never on a project's own images, so its figures mean the same
+for every split and data set; they carry the suffix `_surface` everywhere, so nobody mistakes them for
+Inception FID.
 
 Features are cached per image content and network fingerprint: the search loop featurises only new images.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import Params
+from .options import load_or_exit, params_option
 from .utils import derive_seed, pick_device, read_json, sha256_file, write_json
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -34,9 +38,10 @@ INCEPTION_ALT_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fideli
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 PYTORCH_FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 INCEPTION_SIZE = 299
-OFFLINE_SIZE = 64
+SURFACE_SIZE = 128
 FEATURE_DIR = Path("models/feature_net")
-NET_FILE, NET_RECORD = "feature_net.pt", "feature_net.json"
+SURFACE_NET_DIR = Path(__file__).parent / "assets" / "feature_net"
+SURFACE_FILE, NET_RECORD = "feature_net.safetensors", "feature_net.json"
 PREPROCESS_VERSION = "rgb-float01-bilinear-v1"  # part of every fingerprint: a change invalidates the cache
 
 ImageLike = Path | str | Image.Image
@@ -51,8 +56,8 @@ class FeatureWeightsError(RuntimeError):
 
 
 def metric_keys(net: str) -> dict[str, str]:
-    """Metric names for a feature net: offline numbers are never called plain `fid`."""
-    suffix = "_offline" if net == "offline" else ""
+    """Metric names for a feature net: only Inception numbers are called plain `fid` (published-FID scale)."""
+    suffix = "" if net == "inception" else f"_{net}"
     return {"fid": f"fid{suffix}", "kid_mean": f"kid{suffix}_mean", "kid_std": f"kid{suffix}_std"}
 
 
@@ -208,7 +213,7 @@ def find_inception_weights(configured: str | None) -> Path:
         f"FID Inception weights {INCEPTION_FILE} not found (looked at: {', '.join(map(str, candidates))}). "
         f"This machine cannot download it: on one with network fetch {INCEPTION_URL} (torch-fidelity's copy, "
         f"named {INCEPTION_ALT_FILE}) or {PYTORCH_FID_URL}, then put it in {_hub_checkpoints()}/ or set "
-        "`metrics.inception_weights: PATH` in params.yaml. Or set `metrics.feature_net: offline`."
+        "`metrics.inception_weights: PATH` in params.yaml. Or set `metrics.feature_net: surface`."
     )
 
 
@@ -225,7 +230,7 @@ def load_inception(configured: str | None) -> tuple[InceptionPool3, Path]:
     return model.eval().requires_grad_(False), path
 
 
-# --------------------------------------------------------------------------------------- offline net
+# --------------------------------------------------------------------------------------- embedding net
 class EmbeddingNet(nn.Module):
     """Four conv blocks -> `dim`-d embedding (the features) -> class logits (the training objective only)."""
 
@@ -288,7 +293,7 @@ def to_input(img: Image.Image, size: int, antialias: bool) -> torch.Tensor:
 class Extractor:
     """A feature network with its input format; `featurized` counts images that went through it."""
 
-    name: str  # "offline" | "inception"
+    name: str  # "surface" | "inception"
     module: nn.Module
     input_size: int
     fingerprint: str
@@ -386,24 +391,84 @@ class Scorer:
     def keys(self) -> dict[str, str]:
         return self.extractor.keys
 
+    def features(self, items: Sequence[ImageLike], desc: str = "features") -> np.ndarray:
+        return featurize(self.extractor, items, self.cache, desc)
+
     def score(self, real: Sequence[ImageLike], fake: Sequence[ImageLike]) -> dict[str, float]:
         m = self.params.metrics
         return fid_kid(real, fake, self.extractor, self.cache, m.kid_subset_size, m.kid_subsets,
                        derive_seed(self.params.seed, "kid") % 2**32)
 
 
-# --------------------------------------------------------------------------------------- offline training
-def _train_tensors(files: dict[str, list[Path]]) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for label, cls in enumerate(files):
-        for path in files[cls]:
-            xs.append(to_input(load_image(path), OFFLINE_SIZE, antialias=True))
-            ys.append(label)
-    return torch.stack(xs), torch.tensor(ys)
+# --------------------------------------------------------------------------------------- noise, novelty
+def fid_bootstrap_std(real: np.ndarray, fake: np.ndarray, resamples: int, seed: int) -> float:
+    """Std of FID over resamples (with replacement) of both sets: the measurement noise of one trial."""
+    if resamples < 2:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    fids = [fid_from_features(real[rng.integers(0, len(real), len(real))], fake[rng.integers(0, len(fake), len(fake))])
+            for _ in range(resamples)]
+    return float(np.std(fids, ddof=1))
+
+
+def nearest_distances(queries: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean distance of each query to its nearest reference, and that reference's index."""
+    d = np.sqrt(np.maximum(((queries[:, None, :] - references[None, :, :]) ** 2).sum(-1), 0.0))
+    return d.min(1), d.argmin(1)
+
+
+def novelty(fake: np.ndarray, heldout: np.ndarray, train: np.ndarray) -> float:
+    """Median nearest-train distance of the synthetic images over that of held-out real images.
+
+    About 1: as far from the k train images as a new real image; near 0: copies of them.
+    """
+    reference = float(np.median(nearest_distances(heldout, train)[0]))
+    return float(np.median(nearest_distances(fake, train)[0]) / max(reference, 1e-12))
+
+
+DEGRADATIONS = {"noise": [0, 6, 12, 24, 48], "blur": [0, 0.75, 1.5, 3, 6]}
+
+
+def degrade(img: Image.Image, kind: str, level: float, seed: int) -> Image.Image:
+    """Gaussian pixel noise (sigma in grey levels) or Gaussian blur (radius in px) on a grey image."""
+    from PIL import ImageFilter
+
+    img = img.convert("L")
+    if not level:
+        return img
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(level))
+    pixels = np.asarray(img, dtype=np.float64) + np.random.default_rng(seed).normal(0.0, level, img.size[::-1])
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def sanity_curves(scorer: Scorer, real: Sequence[ImageLike], other: Sequence[ImageLike]) -> dict:
+    """FID of `other` real images against `real`, clean and increasingly degraded: a feature net that measures
+    image quality gives a small clean value and rises monotonically with each degradation."""
+    fid = scorer.keys["fid"]
+    others = [load_image(i) for i in other]
+    curves = {kind: [{"level": lvl, fid: scorer.score(real, [degrade(im, kind, lvl, i) for i, im in enumerate(others)])[fid]}
+                     for lvl in levels] for kind, levels in DEGRADATIONS.items()}
+    monotone = {kind: all(a[fid] < b[fid] for a, b in zip(c, c[1:], strict=False)) for kind, c in curves.items()}
+    return {"metric": fid, "n_real": len(real), "n_other": len(others), "real_vs_real": curves["noise"][0][fid],
+            "curves": curves, "monotone": monotone}
+
+
+# --------------------------------------------------------------------------------------- surface net
+@dataclass
+class SurfaceNetRecipe:
+    feature_dim: int = 64
+    epochs: int = 8
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    holdout: float = 0.1
+    seed: int = 0
+    input_size: int = SURFACE_SIZE
+    preprocess: str = PREPROCESS_VERSION
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Flips and 90° turns: steel textures have no preferred orientation."""
+    """Flips and 90° turns: surface textures have no preferred orientation."""
     out = x.clone()
     for i in range(len(out)):
         flips = torch.randint(2, (2,), generator=gen).tolist()
@@ -416,28 +481,10 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
-def train_data_hash(files: dict[str, list[Path]]) -> str:
-    h = hashlib.sha256()
-    for cls, paths in files.items():
-        for p in paths:
-            h.update(f"{cls}/{p.name}:{sha256_file(p)}\n".encode())
-    return h.hexdigest()
-
-
-def train_files(params: Params, processed: Path) -> dict[str, list[Path]]:
-    from .data import class_names_in, split_paths
-
-    present = set(class_names_in(processed))
-    classes = [c for c in params.class_names if c in present]
-    if len(classes) < 2:
-        raise FeatureWeightsError(f"{processed}: the offline feature net needs at least 2 classes; found {classes}")
-    return {c: split_paths(processed, c, "train") for c in classes}
-
-
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """One intra-op thread: the same floating-point order on every machine, and no spinning thread pools
-    (a net this small trains 10x faster single-threaded on a busy 2-core CPU)."""
+    (a net this small trains faster single-threaded on a busy 2-core CPU)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -446,98 +493,92 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def train_embedding_net(params: Params, files: dict[str, list[Path]], batch_size: int = 16) -> tuple[EmbeddingNet, dict]:
-    """Seeded classification training on the real train images (CPU, seconds)."""
+def _corpus_batch(corpus, rng: np.random.Generator, idx: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    grey, _ = corpus.views(rng, len(idx), size, indices=idx)
+    x = torch.from_numpy(grey.astype(np.float32) / 255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
+    return x, torch.tensor([corpus.labels[int(i)] for i in idx])
+
+
+def pretrain_surface_net(corpus, recipe: SurfaceNetRecipe) -> tuple[EmbeddingNet, dict]:
+    """Seeded training to tell the corpus sources apart from random views; its embedding is the FID feature.
+
+    Trained on the surface corpus, never on a project's own images: the features, and so every FID/KID figure,
+    mean the same for every split, class and data set.
+    """
     with _one_thread():
-        return _train_embedding_net(params, files, batch_size)
+        train_idx, held_idx = corpus.holdout(recipe.holdout, recipe.seed)
+        rng = np.random.default_rng(derive_seed("surface-net-views", recipe.seed))
+        gen = torch.Generator().manual_seed(derive_seed("surface-net", recipe.seed))
+        with torch.random.fork_rng(devices=[]):  # the init must not depend on (or disturb) the global RNG
+            torch.manual_seed(derive_seed("surface-net-init", recipe.seed))
+            net = EmbeddingNet(recipe.feature_dim, len(corpus.sources))
+        opt = torch.optim.Adam(net.parameters(), lr=recipe.learning_rate)
+        steps = recipe.epochs * math.ceil(len(train_idx) / recipe.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.learning_rate, total_steps=steps, pct_start=0.1)
+        net.train()
+        for epoch in range(recipe.epochs):
+            order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
+            for i in tqdm(range(0, len(order), recipe.batch_size), desc=f"surface net {epoch + 1}/{recipe.epochs}",
+                          leave=False):
+                x, y = _corpus_batch(corpus, rng, order[i:i + recipe.batch_size], recipe.input_size)
+                loss = F.cross_entropy(net.logits(_augment(x, gen)), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        net.eval().requires_grad_(False)
+        eval_rng = np.random.default_rng(derive_seed("surface-net-heldout", recipe.seed))
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(held_idx), 256):
+                x, y = _corpus_batch(corpus, eval_rng, held_idx[i:i + 256], recipe.input_size)
+                correct += int((net.logits(x).argmax(1) == y).sum())
+    return net, {"heldout_accuracy": correct / max(1, len(held_idx)), "final_loss": loss.item(),
+                 "sources": list(corpus.sources), "train_images": len(train_idx), "heldout_images": len(held_idx)}
 
 
-def _train_embedding_net(params: Params, files: dict[str, list[Path]], batch_size: int) -> tuple[EmbeddingNet, dict]:
-    x, y = _train_tensors(files)
-    gen = torch.Generator().manual_seed(derive_seed(params.seed, "feature-net"))
-    with torch.random.fork_rng(devices=[]):  # the init must not depend on (or disturb) the global RNG
-        torch.manual_seed(derive_seed(params.seed, "feature-net-init"))
-        net = EmbeddingNet(params.metrics.offline_feature_dim, len(files))
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    net.train()
-    for _ in tqdm(range(params.metrics.offline_epochs), desc="feature net", unit="epoch", leave=False):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size]
-            loss = F.cross_entropy(net.logits(_augment(x[idx], gen)), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    net.eval().requires_grad_(False)
-    with torch.no_grad():
-        accuracy = float((net.logits(x).argmax(1) == y).float().mean())
-    return net, {"train_accuracy": accuracy, "final_loss": loss.item()}
+def save_surface_net(net: EmbeddingNet, out_dir: Path, record: dict) -> Path:
+    """feature_net.safetensors + feature_net.json (recipe, corpus hash, fingerprint, sha256)."""
+    from safetensors.torch import save_file
 
+    from .utils import canonical_safetensors_header
 
-def _offline_record(params: Params, files: dict[str, list[Path]]) -> dict:
-    m = params.metrics
-    return {"feature_net": "offline", "classes": list(files), "train_images": sum(map(len, files.values())),
-            "train_sha256": train_data_hash(files), "feature_dim": m.offline_feature_dim,
-            "epochs": m.offline_epochs, "seed": params.seed, "input_size": OFFLINE_SIZE,
-            "preprocess": PREPROCESS_VERSION}
-
-
-def train_feature_net(params: Params, processed: Path, out_dir: Path = FEATURE_DIR) -> dict:
-    """Train the offline net on the real TRAIN split of every class; writes feature_net.pt + .json."""
-    files = train_files(params, processed)
-    start = time.perf_counter()
-    net, stats = train_embedding_net(params, files)
-    stats["val_accuracy"] = _accuracy(net, params, processed, list(files))
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (NET_FILE + ".tmp")
-    torch.save({"state_dict": net.state_dict(), "feature_dim": net.num_features, "n_classes": len(files)}, tmp)
-    tmp.replace(out_dir / NET_FILE)
-    record = {**_offline_record(params, files), **stats, "fingerprint": state_fingerprint(net, "offline", OFFLINE_SIZE)}
-    write_json(out_dir / NET_RECORD, record)  # no timings in it: equal runs write equal bytes
-    return {**record, "seconds": round(time.perf_counter() - start, 2)}
+    path = out_dir / SURFACE_FILE
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path),
+              metadata={"feature_dim": str(net.num_features), "n_classes": str(net.head[-1].out_features)})
+    canonical_safetensors_header(path)
+    write_json(out_dir / NET_RECORD, {**record, "feature_net": "surface", "sha256": sha256_file(path),
+                                       "fingerprint": state_fingerprint(net, "surface", SURFACE_SIZE)})
+    return path
 
 
-def _accuracy(net: EmbeddingNet, params: Params, processed: Path, classes: list[str]) -> float | None:
-    """Held-out (val) accuracy: a sanity check that the embedding separates the classes at all."""
-    from .data import split_paths
+def load_surface_net(folder: Path = SURFACE_NET_DIR) -> EmbeddingNet:
+    """The shipped surface net; refuses a file that no longer matches its record."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
 
-    val = {c: split_paths(processed, c, "val") for c in classes}
-    if not all(val.values()):
-        return None
-    x, y = _train_tensors(val)
-    with torch.no_grad():
-        return float((net.logits(x).argmax(1) == y).float().mean())
-
-
-def _stale_reason(record: dict, expected: dict) -> str | None:
-    for key in ("feature_dim", "epochs", "seed", "preprocess", "classes", "train_sha256"):
-        if record.get(key) != expected.get(key):
-            return f"{key} is {record.get(key)!r}, params/data say {expected.get(key)!r}"
-    return None
-
-
-def load_offline_net(params: Params, feature_dir: Path, processed: Path | None = None) -> EmbeddingNet:
-    """The trained offline net; refuses one trained on other data or other params (checked when `processed`)."""
-    hint = f"run `stablesdg features` (or `dvc repro features`) to train it into {feature_dir}"
-    if not (feature_dir / NET_FILE).exists() or not (feature_dir / NET_RECORD).exists():
-        raise FeatureWeightsError(f"offline feature net not found in {feature_dir}: {hint}")
-    record = read_json(feature_dir / NET_RECORD)
-    if processed is not None:
-        reason = _stale_reason(record, _offline_record(params, train_files(params, processed)))
-        if reason:
-            raise FeatureWeightsError(f"{feature_dir / NET_RECORD} is stale ({reason}): {hint}")
-    ckpt = torch.load(feature_dir / NET_FILE, map_location="cpu", weights_only=True)
-    net = EmbeddingNet(int(ckpt["feature_dim"]), int(ckpt["n_classes"]))
-    net.load_state_dict(ckpt["state_dict"])
+    path = folder / SURFACE_FILE
+    hint = ("reinstall the package, or rebuild it with `stablesdg pretrain feature-net --corpus "
+            "../shared/datasets/surface-corpus`")
+    if not path.exists() or not (folder / NET_RECORD).exists():
+        raise FeatureWeightsError(f"surface feature net not found: put {SURFACE_FILE} and {NET_RECORD} in {folder}; "
+                                  f"{hint}")
+    if sha256_file(path) != read_json(folder / NET_RECORD)["sha256"]:
+        raise FeatureWeightsError(f"{path}: sha256 differs from {folder / NET_RECORD}; {hint}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    net = EmbeddingNet(int(meta["feature_dim"]), int(meta["n_classes"]))
+    net.load_state_dict(load_file(str(path)))
     return net.eval().requires_grad_(False)
 
 
-def offline_extractor(net: EmbeddingNet, batch_size: int = 32, device: str = "cpu") -> Extractor:
-    return Extractor("offline", net, OFFLINE_SIZE, state_fingerprint(net, "offline", OFFLINE_SIZE),
+def surface_extractor(net: EmbeddingNet, batch_size: int = 32, device: str = "cpu") -> Extractor:
+    return Extractor("surface", net, SURFACE_SIZE, state_fingerprint(net, "surface", SURFACE_SIZE),
                      antialias=True, batch_size=batch_size, device=device)
 
 
-def load_extractor(params: Params, feature_dir: Path = FEATURE_DIR, processed: Path | None = None) -> Extractor:
+def load_extractor(params: Params) -> Extractor:
     """The network `metrics.feature_net` names, ready to featurise."""
     m = params.metrics
     device = pick_device("auto")
@@ -545,50 +586,48 @@ def load_extractor(params: Params, feature_dir: Path = FEATURE_DIR, processed: P
         model, _ = load_inception(m.inception_weights)
         return Extractor("inception", model, INCEPTION_SIZE, state_fingerprint(model, "inception", INCEPTION_SIZE),
                          antialias=False, batch_size=m.batch_size, device=device)
-    return offline_extractor(load_offline_net(params, feature_dir, processed), m.batch_size, device)
+    return surface_extractor(load_surface_net(), m.batch_size, device)
 
 
-def load_scorer(params: Params, feature_dir: Path = FEATURE_DIR, processed: Path | None = None,
-                use_cache: bool = True) -> Scorer:
+def load_scorer(params: Params, use_cache: bool = True) -> Scorer:
     cache = FeatureCache(Path(params.metrics.cache_dir)) if use_cache else None
-    return Scorer(load_extractor(params, feature_dir, processed), cache, params)
+    return Scorer(load_extractor(params), cache, params)
 
 
 # --------------------------------------------------------------------------------------- command
-def prepare_feature_net(params: Params, processed: Path, out_dir: Path) -> dict:
-    """Offline: train the net. Inception: check the weights are here and record which file is used."""
-    if params.metrics.feature_net == "offline":
-        return train_feature_net(params, processed, out_dir)
-    model, path = load_inception(params.metrics.inception_weights)
-    record = {"feature_net": "inception", "weights": str(path), "weights_sha256": sha256_file(path),
-              "fingerprint": state_fingerprint(model, "inception", INCEPTION_SIZE)}
+def prepare_feature_net(params: Params, out_dir: Path) -> dict:
+    """Record which feature network (and which weights file) every FID/KID of this run uses."""
+    if params.metrics.feature_net == "surface":
+        net = load_surface_net()
+        shipped = read_json(SURFACE_NET_DIR / NET_RECORD)
+        record = {"feature_net": "surface", "weights": f"stablesdg/assets/feature_net/{SURFACE_FILE}",
+                  "weights_sha256": shipped["sha256"], "corpus": shipped["corpus"],
+                  "corpus_manifest_sha256": shipped["corpus_manifest_sha256"],
+                  "heldout_accuracy": shipped["heldout_accuracy"],
+                  "fingerprint": state_fingerprint(net, "surface", SURFACE_SIZE)}
+    else:
+        model, path = load_inception(params.metrics.inception_weights)
+        record = {"feature_net": "inception", "weights": str(path), "weights_sha256": sha256_file(path),
+                  "fingerprint": state_fingerprint(model, "inception", INCEPTION_SIZE)}
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / NET_RECORD, record)
     return record
 
 
 @click.command("features")
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
-@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
+@params_option
 @click.option("--out", default=str(FEATURE_DIR), show_default=True, type=click.Path(path_type=Path))
-def features_command(params_path: str, processed: Path, out: Path) -> None:
-    """Feature network for FID/KID: train the offline net on the real train split (or check Inception weights)."""
+def features_command(params_path: str, out: Path) -> None:
+    """Check the FID/KID feature network's weights and record which one this run uses."""
     from . import tracking
-    from .cli import load_or_exit
 
     params = load_or_exit(params_path)
     try:
-        with tracking.stage_run("features", params, inputs=[processed / "splits"]):
+        with tracking.stage_run("features", params, inputs=[]):
             import mlflow
 
-            record = prepare_feature_net(params, processed, out)
-            mlflow.log_metrics({k: record[k] for k in ("train_accuracy", "val_accuracy", "seconds")
-                                if record.get(k) is not None})
+            record = prepare_feature_net(params, out)
             mlflow.log_artifact(str(out / NET_RECORD))
     except FeatureWeightsError as err:
         raise click.ClickException(str(err)) from None
-    if record["feature_net"] == "offline":
-        val = "n/a" if record["val_accuracy"] is None else f"{record['val_accuracy']:.3f}"
-        detail = f"accuracy train {record['train_accuracy']:.3f}, val {val}; {record['seconds']} s"
-    else:
-        detail = record["weights"]
-    click.echo(f"features: {record['feature_net']} ({detail}) -> {out / NET_RECORD}")
+    click.echo(f"features: {record['feature_net']} ({record['weights']}) -> {out / NET_RECORD}")

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
+from .corpus import FolderCorpus
 from .utils import derive_seed, sha256_file, write_json
 
 CORPUS_VERSION = "textures-v1"
@@ -152,33 +153,62 @@ def corpus_sample(index: int, seed: int, size: int) -> tuple[Image.Image, str]:
     return Image.fromarray(pixels, mode="L"), caption
 
 
+# --------------------------------------------------------------------------------------- corpora
+class ProceduralCorpus:
+    """The built-in endless texture corpus: the offline fallback when no image folder is given."""
+
+    name = "procedural"
+
+    def __init__(self, seed: int, size: int) -> None:
+        self.seed, self.size, self.drawn = seed, size, 0
+
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256(f"{CORPUS_VERSION}:{self.seed}".encode()).hexdigest()
+
+    def views(self, rng: np.random.Generator, count: int, crop: int) -> tuple[np.ndarray, list[str]]:
+        """`count` new images (never repeated), `crop` px random crops of `size` px textures."""
+        images, captions = [], []
+        for _ in range(count):
+            img, cap = corpus_sample(self.drawn, self.seed, self.size)
+            self.drawn += 1
+            x, y = rng.integers(0, self.size - crop + 1, 2)
+            images.append(np.asarray(img, dtype=np.uint8)[y:y + crop, x:x + crop])
+            captions.append(cap)
+        return np.stack(images), captions
+
+
+def to_pixels(grey: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) grey -> float (N, 3, H, W) in [-1, 1], the pipeline's RGB input."""
+    x = torch.from_numpy(grey.astype(np.float32) / 127.5 - 1)[:, None]
+    return x.expand(-1, 3, -1, -1).contiguous()
+
+
 # --------------------------------------------------------------------------------------- training
 @dataclass
 class PriorRecipe:
     seed: int = 0
-    resolution: int = 64
+    resolution: int = 128
     vae_channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 8
     unet_channels: tuple[int, ...] = (32, 64, 128)
     text_hidden: int = 64
     text_layers: int = 2
-    vae_steps: int = 3000
-    unet_steps: int = 6000
-    batch_size: int = 16
+    vae_steps: int = 1000
+    vae_crop: int = 64           # the VAE is convolutional: 64 px crops at the 128 px scale cost 1/4
+    vae_batch_size: int = 16
+    latent_views: int = 1        # augmented views per corpus image encoded once for U-Net training
+    unet_steps: int = 1400
+    batch_size: int = 32
     vae_lr: float = 1e-3
-    unet_lr: float = 3e-4
+    unet_lr: float = 5e-4
     kl_weight: float = 1e-6
+    ssim_weight: float = 0.5     # SSIM is the binding reconstruction figure; L1/MSE alone reward blur
+    caption_template: str = "a photo of {} texture"
     caption_dropout: float = 0.1
-    corpus_version: str = CORPUS_VERSION
-
-
-def batch_pixels(recipe: PriorRecipe, step: int) -> tuple[torch.Tensor, list[str]]:
-    """Batch `step` of the endless corpus (image index = step * batch + i): no image is ever repeated."""
-    images, captions = [], []
-    for i in range(recipe.batch_size):
-        img, cap = corpus_sample(step * recipe.batch_size + i, recipe.seed, recipe.resolution)
-        images.append(np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1)
-        captions.append(cap)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
+    corpus: str = "procedural"
+    corpus_manifest_sha256: str = ""
+    corpus_images: int = 0
+    device: str = "cpu"
 
 
 def build_prior(recipe: PriorRecipe):
@@ -188,83 +218,128 @@ def build_prior(recipe: PriorRecipe):
     return build_tiny_pipeline(TinyConfig(
         seed=recipe.seed, resolution=recipe.resolution, unet_channels=recipe.unet_channels,
         vae_channels=recipe.vae_channels, text_hidden=recipe.text_hidden, text_layers=recipe.text_layers,
+        latent_channels=recipe.latent_channels,
     ))
 
 
-def train_vae(pipe, recipe: PriorRecipe, log: Callable[[str, int, float], None]) -> None:
-    vae = pipe.vae
+def ssim_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Differentiable mean SSIM (Gaussian 11x11, sigma 1.5) of images in [-1, 1], channel-averaged grey."""
+    a, b = a.mean(1, keepdim=True), b.mean(1, keepdim=True)
+    coords = torch.arange(11, dtype=a.dtype, device=a.device) - 5
+    g = torch.exp(-coords**2 / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :])[None, None]
+    blur = lambda x: F.conv2d(x, window)  # noqa: E731
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    return (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean()
+
+
+def train_vae(pipe, corpus, recipe: PriorRecipe, log: Callable[[str, int, float], None]) -> None:
+    vae, device = pipe.vae, recipe.device
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.vae_lr, total_steps=recipe.vae_steps, pct_start=0.05)
-    gen = torch.Generator().manual_seed(recipe.seed)
+    rng = np.random.default_rng(derive_seed("prior-vae", recipe.seed))
+    gen = torch.Generator(device).manual_seed(recipe.seed)
     for step in tqdm(range(recipe.vae_steps), desc="prior vae"):
-        pixels, _ = batch_pixels(recipe, step)
+        pixels = to_pixels(corpus.views(rng, recipe.vae_batch_size, recipe.vae_crop)[0]).to(device)
         dist = vae.encode(pixels).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen, device=device)
         recon = vae.decode(z).sample
         kl = dist.kl().mean() / pixels[0].numel()
-        loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + recipe.kl_weight * kl
+        loss = (F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + recipe.kl_weight * kl
+                + recipe.ssim_weight * (1 - ssim_torch(recon, pixels)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        log("vae_loss", step, float(loss))
+        log("vae_loss", step, loss.item())
     vae.eval().requires_grad_(False)
 
 
-def latent_scale(pipe, recipe: PriorRecipe) -> float:
-    """SD's `scaling_factor`: 1 / std of the latents, so the U-Net sees unit-variance inputs."""
-    with torch.no_grad():
-        pixels, _ = batch_pixels(recipe, 10**6)
-        return float(1.0 / pipe.vae.encode(pixels).latent_dist.mean.std())
+@torch.no_grad()
+def encode_views(pipe, corpus, recipe: PriorRecipe, count: int) -> tuple[torch.Tensor, list[str]]:
+    """Latent means of `count` augmented full-resolution views, encoded once (the VAE is frozen by now)."""
+    rng = np.random.default_rng(derive_seed("prior-latents", recipe.seed))
+    latents, captions = [], []
+    for start in tqdm(range(0, count, 64), desc="encode corpus"):
+        grey, caps = corpus.views(rng, min(64, count - start), recipe.resolution)
+        latents.append(pipe.vae.encode(to_pixels(grey).to(recipe.device)).latent_dist.mean.cpu())
+        captions += caps
+    return torch.cat(latents), captions
 
 
-def train_unet(pipe, recipe: PriorRecipe, log: Callable[[str, int, float], None]) -> None:
-    unet, text_encoder, tok, sched = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+def train_unet(pipe, latents: torch.Tensor, captions: list[str], recipe: PriorRecipe,
+               log: Callable[[str, int, float], None]) -> None:
+    unet, text_encoder, tok, sched, device = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, recipe.device
     unet.train().requires_grad_(True)
     text_encoder.train().requires_grad_(True)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=1e-2)
     lr = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.unet_lr, total_steps=recipe.unet_steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
-    scale = pipe.vae.config.scaling_factor
+    latents = latents * pipe.vae.config.scaling_factor
     for step in tqdm(range(recipe.unet_steps), desc="prior unet"):
-        pixels, captions = batch_pixels(recipe, step + recipe.vae_steps)
-        drop = torch.rand(len(captions), generator=gen) < recipe.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        with torch.no_grad():
-            latents = pipe.vae.encode(pixels).latent_dist.mean * scale
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen)
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        idx = torch.randint(0, len(latents), (recipe.batch_size,), generator=gen)
+        batch = latents[idx]
+        drop = torch.rand(len(idx), generator=gen) < recipe.caption_dropout
+        texts = ["" if d else captions[int(i)] for i, d in zip(idx, drop.tolist(), strict=True)]
+        noise = torch.randn(batch.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(batch),), generator=gen)
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        noisy = sched.add_noise(batch, noise, t).to(device)
+        pred = unet(noisy, t.to(device), encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr.step()
-        log("unet_loss", step, float(loss))
+        log("unet_loss", step, loss.item())
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
 
 
-def pretrain(recipe: PriorRecipe, out_dir: Path, log: Callable[[str, int, float], None] | None = None) -> dict:
+def open_corpus(recipe: PriorRecipe, corpus_dir: Path | None):
+    if corpus_dir is None:
+        return ProceduralCorpus(recipe.seed, recipe.resolution)
+    return FolderCorpus(corpus_dir, recipe.resolution, recipe.caption_template)
+
+
+def pretrain(recipe: PriorRecipe, out_dir: Path, corpus_dir: Path | None = None,
+             log: Callable[[str, int, float], None] | None = None) -> dict:
     """Train VAE then U-Net + text encoder; save a diffusers folder with recipe.json (sha256 of every file)."""
     torch.manual_seed(recipe.seed)
     log = log or (lambda *_: None)
     started = time.time()
-    pipe = build_prior(recipe)
-    train_vae(pipe, recipe, log)
-    pipe.vae.register_to_config(scaling_factor=latent_scale(pipe, recipe))
-    train_unet(pipe, recipe, log)
+    corpus = open_corpus(recipe, corpus_dir)
+    recipe.corpus = corpus.name
+    recipe.corpus_manifest_sha256 = corpus.manifest_sha256()
+    recipe.corpus_images = len(getattr(corpus, "images", ()))
+    pipe = build_prior(recipe).to(recipe.device)
+    train_vae(pipe, corpus, recipe, log)
+    bank = max(recipe.corpus_images, 512) * recipe.latent_views
+    latents, captions = encode_views(pipe, corpus, recipe, bank)
+    pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae_done = time.time()
+    train_unet(pipe, latents, captions, recipe, log)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out_dir)
+    pipe.to("cpu").save_pretrained(out_dir)
     files = {p.relative_to(out_dir).as_posix(): sha256_file(p) for p in sorted(out_dir.rglob("*"))
              if p.is_file() and p.name != "recipe.json"}
-    record = {"recipe": asdict(recipe), "seconds": round(time.time() - started, 1), "torch": torch.__version__,
-              "files": files, "size_mb": round(sum((out_dir / f).stat().st_size for f in files) / 2**20, 2)}
+    record = {
+        "recipe": asdict(recipe), "device": recipe.device,
+        "device_name": torch.cuda.get_device_name() if recipe.device.startswith("cuda") else "cpu",
+        "threads": torch.get_num_threads(), "steps": {"vae": recipe.vae_steps, "unet": recipe.unet_steps},
+        "seconds": round(time.time() - started, 1), "seconds_vae": round(vae_done - started, 1),
+        "latent_bank": len(latents), "skipped_images": getattr(corpus, "skipped", []),
+        "torch": torch.__version__, "files": files,
+        "size_mb": round(sum((out_dir / f).stat().st_size for f in files) / 2**20, 2),
+    }
     write_json(out_dir / "recipe.json", record)
     return record
 
@@ -294,8 +369,10 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def vae_reconstruction(vae, paths: list[Path], resolution: int) -> tuple[dict, list[tuple[Image.Image, Image.Image]]]:
-    """PSNR/SSIM of VAE round trips at the model resolution; returns metrics and (original, recon) pairs."""
+def vae_reconstruction(vae, paths: list[Path], resolution: int
+                       ) -> tuple[dict, list[tuple[Image.Image, Image.Image]], list[tuple[float, float]]]:
+    """PSNR/SSIM of VAE round trips at the model resolution against the original resized to it; returns the
+    means, (original, recon) pairs and per-image (psnr, ssim)."""
     pairs, scores_p, scores_s = [], [], []
     for path in tqdm(paths, desc="vae reconstruction"):
         with Image.open(path) as img:
@@ -307,7 +384,8 @@ def vae_reconstruction(vae, paths: list[Path], resolution: int) -> tuple[dict, l
         scores_p.append(psnr(np.asarray(original), np.asarray(rec_img)))
         scores_s.append(ssim(np.asarray(original), np.asarray(rec_img)))
         pairs.append((original, rec_img))
-    return {"psnr": float(np.mean(scores_p)), "ssim": float(np.mean(scores_s)), "images": len(paths)}, pairs
+    means = {"psnr": float(np.mean(scores_p)), "ssim": float(np.mean(scores_s)), "images": len(paths)}
+    return means, pairs, list(zip(scores_p, scores_s, strict=True))
 
 
 @click.group("prior")
@@ -316,16 +394,25 @@ def prior_group() -> None:
 
 
 @prior_group.command("pretrain")
+@click.option("--corpus", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="folder of pretraining images, searched recursively; the first sub-folder is the caption "
+                   "topic (default: the built-in procedural textures)")
 @click.option("--out", default=str(EMBEDDED_PRIOR), show_default=True, type=click.Path(path_type=Path))
 @click.option("--vae-steps", default=PriorRecipe.vae_steps, show_default=True)
 @click.option("--unet-steps", default=PriorRecipe.unet_steps, show_default=True)
 @click.option("--batch-size", default=PriorRecipe.batch_size, show_default=True)
+@click.option("--resolution", default=PriorRecipe.resolution, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def pretrain_command(out: Path, vae_steps: int, unet_steps: int, batch_size: int, seed: int) -> None:
-    """Pretrain the prior on the procedural texture corpus (CPU: tens of minutes; GPU: minutes)."""
-    recipe = PriorRecipe(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, batch_size=batch_size)
-    record = pretrain(recipe, out)
-    click.echo(f"prior: {record['size_mb']} MB in {record['seconds']} s -> {out}")
+@click.option("--device", default="auto", show_default=True)
+def pretrain_command(corpus: Path | None, out: Path, vae_steps: int, unet_steps: int, batch_size: int,
+                     resolution: int, seed: int, device: str) -> None:
+    """Pretrain the prior on an image corpus (CPU: about an hour; GPU: minutes)."""
+    from .utils import pick_device
+
+    recipe = PriorRecipe(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, batch_size=batch_size,
+                         resolution=resolution, device=pick_device(device))
+    record = pretrain(recipe, out, corpus)
+    click.echo(f"prior: {record['size_mb']} MB in {record['seconds']} s on {record['device_name']} -> {out}")
 
 
 @prior_group.command("verify")
@@ -340,26 +427,37 @@ def verify_command(folder: Path) -> None:
 
 @prior_group.command("reconstruct")
 @click.option("--images", required=True, type=click.Path(exists=True, path_type=Path),
-              help="folder of real images the prior never saw (searched recursively)")
+              help="folder of real images the prior never saw (searched recursively; sub-folders are classes)")
 @click.option("--folder", default=str(EMBEDDED_PRIOR), show_default=True, type=click.Path(path_type=Path))
-@click.option("--limit", default=120, show_default=True)
+@click.option("--limit", default=120, show_default=True, help="images in all, spread evenly over the folder")
 @click.option("--out", default="reports/prior", show_default=True, type=click.Path(path_type=Path))
 def reconstruct_command(images: Path, folder: Path, limit: int, out: Path) -> None:
-    """VAE reconstruction PSNR/SSIM on real images, with a reconstruction grid."""
+    """VAE reconstruction PSNR/SSIM on real images at the prior's resolution, per class, with a grid."""
     from diffusers import AutoencoderKL
 
-    from .data import IMAGE_EXTENSIONS
+    from .corpus import CORPUS_EXTENSIONS
     from .viz import image_grid
 
-    paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    step = max(1, len(paths) // limit)
-    paths = paths[::step][:limit]
+    paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in CORPUS_EXTENSIONS)
+    if not paths:
+        raise click.ClickException(f"{images}: no images found")
+    paths = paths[::max(1, len(paths) // limit)][:limit]
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
     resolution = json.loads((folder / "recipe.json").read_text())["recipe"]["resolution"]
-    metrics, pairs = vae_reconstruction(vae, paths, resolution)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        groups.setdefault(p.parent.name if p.parent != images else "all", []).append(i)
+    metrics, pairs, per_image = vae_reconstruction(vae, paths, resolution)
+    per_class = {name: {"psnr": float(np.mean([per_image[i][0] for i in idx])),
+                        "ssim": float(np.mean([per_image[i][1] for i in idx])), "images": len(idx)}
+                 for name, idx in sorted(groups.items())}
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "vae_reconstruction.json", {**metrics, "source": str(images), "prior": str(folder),
-                                                  "sha": hashlib.sha256(str(paths).encode()).hexdigest()[:12]})
-    image_grid([[o for o, _ in pairs[:8]], [r for _, r in pairs[:8]]], ["real", "vae"]).save(out / "vae_grid.png")
-    click.echo(f"VAE reconstruction on {metrics['images']} images: PSNR {metrics['psnr']:.2f} dB, "
+    write_json(out / "vae_reconstruction.json", {
+        **metrics, "resolution": resolution, "per_class": per_class, "source": str(images),
+        "prior": str(folder), "sha": hashlib.sha256(str(paths).encode()).hexdigest()[:12]})
+    shown = [idx[0] for idx in groups.values()][:8] or list(range(min(8, len(pairs))))
+    image_grid([[pairs[i][0] for i in shown], [pairs[i][1] for i in shown]], ["real", "vae"]).save(out / "vae_grid.png")
+    click.echo(f"VAE reconstruction on {metrics['images']} images at {resolution} px: PSNR {metrics['psnr']:.2f} dB, "
                f"SSIM {metrics['ssim']:.3f} -> {out}")
+    for name, rec in per_class.items():
+        click.echo(f"  {name}: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.3f} ({rec['images']} images)")

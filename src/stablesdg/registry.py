@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .config import Params
+from .options import load_or_exit, params_option
 from .preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
@@ -286,14 +287,12 @@ def list_versions(mlflow_client: MlflowClient, name: str) -> list[dict[str, Any]
 def _name(params_path: str, name: str | None) -> str:
     if name:
         return name
-    from .cli import load_or_exit
 
     return load_or_exit(params_path).tracking.registered_model
 
 
 def _registry_command(fn):
-    fn = click.option("--params", "params_path", default="params.yaml", show_default=True,
-                      type=click.Path(dir_okay=False))(fn)
+    fn = params_option(fn)
     return click.option("--name", default=None, help="Registered model (default: tracking.registered_model).")(fn)
 
 

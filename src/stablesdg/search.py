@@ -2,22 +2,35 @@
 
 Search: a coarse grid over strength x guidance x steps, then a few refinement rounds around the best, each trial
 generating the same images (same sources, same seeds) from the class's real TRAIN images and scoring them
-against its real VAL images. The TEST split stays untouched until `evaluate` and the classifier.
+against its held-out real images (VAL + the unused POOL, never the k train images). Each trial also reports its
+FID noise (bootstrap std) and its novelty (nearest-train distance relative to held-out real images): a trial
+below `search.min_novelty` only reproduces the train images and cannot win. The TEST split stays untouched
+until `evaluate` and the classifier.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from .config import Params, SearchConfig
-from .metrics import FEATURE_DIR, FeatureWeightsError, MetricsError, Scorer, load_scorer
+from .metrics import (
+    FeatureWeightsError,
+    MetricsError,
+    Scorer,
+    fid_bootstrap_std,
+    load_scorer,
+    novelty,
+)
+from .options import load_or_exit, params_option
 from .utils import derive_seed, pick_device, write_json
 
 
@@ -78,16 +91,28 @@ class SearchRun:
     def run_trial(self, trial: Trial, stage: str) -> dict:
         from .generation import render
 
-        n = self.params.search.images_per_trial
+        n, cfg = self.params.search.images_per_trial, self.params.search
         start = time.perf_counter()
         images = render(self.pipe, self.params, self.cls, cycled(self.sources, n), trial.strength,
                         trial.guidance_scale, trial.steps, seeds_for(self.params, self.cls, "search", n))
         scores = self.scorer.score(self.real, images)
-        return {**asdict(trial), "stage": stage, **scores, "seconds": round(time.perf_counter() - start, 3)}
+        real, fake = self.scorer.features(self.real, "real features"), self.scorer.features(images)
+        seed = derive_seed(self.params.seed, self.cls, "bootstrap") % 2**32
+        fid_std = fid_bootstrap_std(real, fake, cfg.bootstrap, seed)
+        new = novelty(fake, real, self.scorer.features(self.sources, "train features"))
+        return {**asdict(trial), "stage": stage, **scores, f"{self.scorer.keys['fid']}_std": round(fid_std, 6),
+                "novelty": round(new, 6), "seconds": round(time.perf_counter() - start, 3)}
+
+    def best(self, trials: list[dict]) -> dict:
+        """Lowest FID among trials novel enough; if none is, the most novel one (never a pure copy)."""
+        novel = [t for t in trials if t["novelty"] >= self.params.search.min_novelty]
+        if not novel:
+            return max(trials, key=lambda t: t["novelty"])
+        return min(novel, key=lambda t: t[self.scorer.keys["fid"]])
 
     def run(self, on_trial=None) -> list[dict]:
         """Grid, then refinement rounds; `on_trial(record)` sees each finished trial (MLflow child runs)."""
-        cfg, fid = self.params.search, self.scorer.keys["fid"]
+        cfg = self.params.search
         results: list[dict] = []
 
         def do(trials: list[Trial], stage: str) -> None:
@@ -98,7 +123,7 @@ class SearchRun:
 
         do(grid_trials(cfg), "grid")
         for r in range(1, (cfg.refine_rounds if cfg.refine else 0) + 1):
-            best = min(results, key=lambda t: t[fid])
+            best = self.best(results)
             tried = {Trial(t["strength"], t["guidance_scale"], t["steps"]) for t in results}
             best_trial = Trial(best["strength"], best["guidance_scale"], best["steps"])
             do(refine_trials(cfg, best_trial, tried, r), f"refine-{r}")
@@ -130,30 +155,46 @@ def write_search_outputs(out_dir: Path, cls: str, summary: dict) -> dict[str, Pa
     return paths
 
 
+def _separation(trials: list[dict], best: dict, fid: str) -> float | None:
+    """How many noise-sigmas the runner-up's FID lies above the winner's (None: no runner-up or no noise)."""
+    others = sorted(t[fid] for t in trials if t is not best)
+    sigma = float(np.hypot(best[f"{fid}_std"], np.median([t[f"{fid}_std"] for t in trials])))
+    if not others or not math.isfinite(sigma) or sigma == 0:
+        return None
+    return round((others[0] - best[fid]) / sigma, 3)
+
+
 def _summary(run: SearchRun, trials: list[dict]) -> dict:
     keys = run.scorer.keys
-    best = min(trials, key=lambda t: t[keys["fid"]])
+    fid = keys["fid"]
+    best = run.best(trials)
     return {
-        "class": run.cls, "feature_net": run.scorer.extractor.name, "metric": keys["fid"], "real_split": "val",
-        "n_real": len(run.real), "images_per_trial": run.params.search.images_per_trial,
+        "class": run.cls, "feature_net": run.scorer.extractor.name, "metric": fid, "real_split": "val+pool",
+        "n_real": len(run.real), "n_train": len(run.sources), "images_per_trial": run.params.search.images_per_trial,
         "mode": run.params.generate.mode, "scheduler": run.params.generate.scheduler,
+        "min_novelty": run.params.search.min_novelty,
+        "noise": {f"median_{fid}_std": float(np.median([t[f"{fid}_std"] for t in trials])),
+                  "best_vs_runner_up_sigmas": _separation(trials, best, fid)},
+        "rejected_as_copies": sum(t["novelty"] < run.params.search.min_novelty for t in trials),
         "best": {"strength": best["strength"], "guidance_scale": best["guidance_scale"], "steps": best["steps"],
-                 keys["fid"]: best[keys["fid"]], keys["kid_mean"]: best[keys["kid_mean"]]},
+                 fid: best[fid], f"{fid}_std": best[f"{fid}_std"], keys["kid_mean"]: best[keys["kid_mean"]],
+                 "novelty": best["novelty"]},
         # wall-clock seconds go to MLflow only: the report is a DVC output and must not change between equal runs
         "trials": [{k: v for k, v in t.items() if k != "seconds"} for t in trials],
     }
 
 
 def search_class(params: Params, cls: str, processed: Path, adapter_dir: Path, out_dir: Path,
-                 feature_dir: Path = FEATURE_DIR, pipe=None, track: bool = True) -> dict:
+                 pipe=None, track: bool = True) -> dict:
     """Search one class; writes <cls>.json, <cls>_fid_vs_strength.csv/.png and returns the summary."""
     from .data import split_paths
     from .generation import load_adapted_pipeline
 
-    scorer = load_scorer(params, feature_dir, processed)
-    real = split_paths(processed, cls, "val")
+    scorer = load_scorer(params)
+    real = heldout_paths(processed, cls)
     if len(real) < 2:
-        raise MetricsError(f"{cls}: {len(real)} val images; FID needs at least 2 (raise data.val_per_class)")
+        raise MetricsError(f"{cls}: {len(real)} held-out (val + pool) images; FID needs at least 2 "
+                           "(raise data.val_per_class)")
     if pipe is None:
         pipe = load_adapted_pipeline(params, cls, adapter_dir, pick_device(params.generate.device))
     run = SearchRun(params, cls, pipe, split_paths(processed, cls, "train"), real, scorer)
@@ -162,6 +203,13 @@ def search_class(params: Params, cls: str, processed: Path, adapter_dir: Path, o
         write_search_outputs(out_dir, cls, summary)
         return summary
     return _tracked_search(run, adapter_dir, processed, out_dir)
+
+
+def heldout_paths(processed: Path, cls: str) -> list[Path]:
+    """The class's real images that are neither train nor test: the search's FID reference."""
+    from .data import split_paths
+
+    return sorted([*split_paths(processed, cls, "val"), *split_paths(processed, cls, "pool")])
 
 
 def _tracked_search(run: SearchRun, adapter_dir: Path, processed: Path, out_dir: Path) -> dict:
@@ -176,7 +224,8 @@ def _tracked_search(run: SearchRun, adapter_dir: Path, processed: Path, out_dir:
         with mlflow.start_run(run_name=f"{run.cls}-s{t['strength']}-g{t['guidance_scale']}-n{t['steps']}",
                               nested=True, tags={"stage": "search-trial", "class": run.cls, "phase": t["stage"]}):
             mlflow.log_params({k: t[k] for k in ("strength", "guidance_scale", "steps")})
-            mlflow.log_metrics({k: v for k, v in t.items() if k.startswith(("fid", "kid")) or k == "seconds"})
+            mlflow.log_metrics({k: v for k, v in t.items()
+                                if k.startswith(("fid", "kid")) or k in ("seconds", "novelty")})
 
     with tracking.stage_run("search", run.params, inputs=[adapter_dir, processed / "images" / run.cls],
                             run_name=f"search-{run.cls}", extra_tags={"class": run.cls,
@@ -185,7 +234,8 @@ def _tracked_search(run: SearchRun, adapter_dir: Path, processed: Path, out_dir:
         paths = write_search_outputs(out_dir, run.cls, summary)
         best = summary["best"]
         mlflow.log_params({f"best.{k}": best[k] for k in ("strength", "guidance_scale", "steps")})
-        mlflow.log_metrics({f"best_{fid}": best[fid], "best_strength": best["strength"],
+        mlflow.log_metrics({f"best_{fid}": best[fid], "best_novelty": best["novelty"],
+                            "best_strength": best["strength"],
                             "best_guidance_scale": best["guidance_scale"], "best_steps": best["steps"],
                             "trials": len(summary["trials"])})
         for path in paths.values():
@@ -195,21 +245,17 @@ def _tracked_search(run: SearchRun, adapter_dir: Path, processed: Path, out_dir:
 
 @click.command("search")
 @click.option("--class", "cls", required=True, help="defect class to search settings for")
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@params_option
 @click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
 @click.option("--adapters", default="models/adapters", show_default=True, type=click.Path(path_type=Path))
-@click.option("--features", "feature_dir", default=str(FEATURE_DIR), show_default=True,
-              type=click.Path(path_type=Path), help="offline feature net (from `stablesdg features`)")
 @click.option("--out", default="reports/search", show_default=True, type=click.Path(path_type=Path))
-def search_command(cls: str, params_path: str, processed: Path, adapters: Path, feature_dir: Path,
-                   out: Path) -> None:
-    """FID-guided grid + refinement over strength, guidance and steps for one class (scored on its val split)."""
-    from .cli import load_or_exit
+def search_command(cls: str, params_path: str, processed: Path, adapters: Path, out: Path) -> None:
+    """FID-guided grid + refinement over strength, guidance and steps for one class (held-out reference)."""
 
     params = load_or_exit(params_path)
     params.class_config(cls)
     try:
-        summary = search_class(params, cls, processed, adapters / cls, out, feature_dir)
+        summary = search_class(params, cls, processed, adapters / cls, out)
     except (FeatureWeightsError, MetricsError) as err:
         raise click.ClickException(str(err)) from None
     b, key = summary["best"], summary["metric"]
@@ -235,9 +281,27 @@ def evaluate_sets(params: Params, processed: Path, synthetic: Path, scorer: Scor
     per_class = {}
     for cls in tqdm(classes, desc="evaluate", unit="class"):
         real, fake = split_paths(processed, cls, "test"), synthetic_paths(synthetic, cls)
-        per_class[cls] = {**scorer.score(real, fake), "n_real": len(real), "n_synthetic": len(fake)}
-    mean = {k: sum(v[k] for v in per_class.values()) / len(per_class) for k in (keys["fid"], keys["kid_mean"])}
+        per_class[cls] = {**scorer.score(real, fake), **closeness(scorer, processed, cls, fake),
+                          "n_real": len(real), "n_synthetic": len(fake)}
+    mean = {k: sum(v[k] for v in per_class.values()) / len(per_class)
+            for k in (keys["fid"], keys["kid_mean"], "novelty", "nearest_train_ssim")}
     return {"feature_net": scorer.extractor.name, "per_class": per_class, "mean": mean}
+
+
+def closeness(scorer: Scorer, processed: Path, cls: str, fake: list[Path]) -> dict[str, float]:
+    """How close the synthetic images are to the k train images: novelty (1 = as far as a held-out real image)
+    and the median SSIM between each synthetic image and its nearest train image (1 = a copy)."""
+    from .data import split_paths
+    from .metrics import load_image, nearest_distances
+    from .prior import ssim
+
+    train = split_paths(processed, cls, "train")
+    train_feats, fake_feats = scorer.features(train, "train features"), scorer.features(fake)
+    _, nearest = nearest_distances(fake_feats, train_feats)
+    grey = lambda item: np.asarray(load_image(item).convert("L"), dtype=np.uint8)  # noqa: E731
+    ssims = [ssim(grey(f), grey(train[j])) for f, j in zip(fake, nearest.tolist(), strict=True)]
+    return {"novelty": novelty(fake_feats, scorer.features(heldout_paths(processed, cls)), train_feats),
+            "nearest_train_ssim": float(np.median(ssims))}
 
 
 def real_vs_synthetic_grid(real: list[Path], fake: list[Path], n: int = 8) -> Image.Image:
@@ -248,27 +312,23 @@ def real_vs_synthetic_grid(real: list[Path], fake: list[Path], n: int = 8) -> Im
 
 
 @click.command("evaluate")
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@params_option
 @click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
 @click.option("--synthetic", default="data/synthetic", show_default=True, type=click.Path(path_type=Path))
-@click.option("--features", "feature_dir", default=str(FEATURE_DIR), show_default=True,
-              type=click.Path(path_type=Path))
 @click.option("--metrics", "metrics_path", default="metrics/fid.json", show_default=True,
               type=click.Path(path_type=Path))
 @click.option("--grids", default="reports/grids", show_default=True, type=click.Path(path_type=Path))
-def evaluate_command(params_path: str, processed: Path, synthetic: Path, feature_dir: Path, metrics_path: Path,
-                     grids: Path) -> None:
+def evaluate_command(params_path: str, processed: Path, synthetic: Path, metrics_path: Path, grids: Path) -> None:
     """FID/KID of each class's final synthetic set against its real test images, plus real-vs-synthetic grids."""
     import mlflow
 
     from . import tracking
-    from .cli import load_or_exit
     from .data import split_paths
     from .viz import save_image
 
     params = load_or_exit(params_path)
     try:
-        scorer = load_scorer(params, feature_dir, processed)
+        scorer = load_scorer(params)
         with tracking.stage_run("evaluate", params, inputs=[processed / "splits", synthetic],
                                 extra_tags={"feature_net": scorer.extractor.name}):
             result = evaluate_sets(params, processed, synthetic, scorer, params.class_names)

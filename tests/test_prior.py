@@ -1,0 +1,121 @@
+"""The embedded prior: corpus pretraining (tiny recipe), stock loading, integrity check, VAE reconstruction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from stablesdg.corpus import CorpusError, FolderCorpus
+from stablesdg.demo import demo_image
+from stablesdg.prior import (
+    EMBEDDED_PRIOR,
+    PriorRecipe,
+    pretrain,
+    prior_group,
+    psnr,
+    ssim,
+    ssim_torch,
+    verify_prior,
+)
+from stablesdg.utils import read_json
+
+TINY = dict(resolution=32, vae_channels=(16, 32), latent_channels=4, unet_channels=(16, 32), text_hidden=32,
+            vae_steps=3, vae_crop=16, vae_batch_size=2, unet_steps=3, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for source in ("crazing", "patches"):
+        (root / source).mkdir()
+        for i in range(4):
+            demo_image(source, i, 5, 64).save(root / source / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(corpus_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prior") / "prior"
+    record = pretrain(PriorRecipe(**TINY), out, corpus_dir)
+    return out, record
+
+
+def test_pretrain_records_corpus_recipe_and_every_file(trained, corpus_dir):
+    out, record = trained
+    recipe = record["recipe"]
+    assert recipe["corpus"] == corpus_dir.name and recipe["corpus_images"] == 8
+    assert recipe["corpus_manifest_sha256"] == FolderCorpus(corpus_dir, 32).manifest_sha256()
+    assert record["device"] == "cpu" and record["steps"] == {"vae": 3, "unet": 3} and record["seconds"] > 0
+    assert "unet/diffusion_pytorch_model.safetensors" in record["files"]
+    assert read_json(out / "recipe.json") == json.loads(json.dumps(record))
+    assert verify_prior(out) == []
+    weights = out / "vae" / "diffusion_pytorch_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original + b" ")
+    assert verify_prior(out) == ["vae/diffusion_pytorch_model.safetensors"]
+    weights.write_bytes(original)
+
+
+def test_pretraining_is_deterministic(corpus_dir, tmp_path, trained):
+    _, record = trained
+    again = pretrain(PriorRecipe(**TINY), tmp_path / "again", corpus_dir)
+    assert again["files"]["unet/diffusion_pytorch_model.safetensors"] == \
+        record["files"]["unet/diffusion_pytorch_model.safetensors"]
+
+
+def test_stock_diffusers_loads_the_prior_and_denoises_at_its_resolution(trained):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    out, _ = trained
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 4
+    image = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
+    result = pipe(prompt="a photo of crazing texture", image=image, strength=0.5, num_inference_steps=4,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert result.shape == (1, 32, 32, 3) and np.isfinite(result).all()
+
+
+def test_shipped_prior_is_intact_native_128_and_corpus_trained():
+    record = read_json(EMBEDDED_PRIOR / "recipe.json")
+    assert verify_prior(EMBEDDED_PRIOR) == []
+    assert record["recipe"]["resolution"] == 128 and record["recipe"]["corpus"] == "surface-corpus"
+    assert len(record["recipe"]["corpus_manifest_sha256"]) == 64 and record["device"] in ("cpu", "cuda")
+    total = sum((EMBEDDED_PRIOR / f).stat().st_size for f in record["files"] if f.endswith(".safetensors"))
+    assert total <= 40 * 2**20, "the shipped prior must stay within 40 MB of safetensors"
+    unet = json.loads((EMBEDDED_PRIOR / "unet" / "config.json").read_text())
+    vae = json.loads((EMBEDDED_PRIOR / "vae" / "config.json").read_text())
+    assert unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1) == 128
+
+
+def test_ssim_matches_between_numpy_and_torch_and_orders_quality():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (48, 48)).astype(np.uint8)
+    noisy = np.clip(a + rng.normal(0, 20, a.shape), 0, 255).astype(np.uint8)
+    assert ssim(a, a) == pytest.approx(1.0) and psnr(a, a) == float("inf")
+    assert ssim(a, noisy) < 0.9 and 20 < psnr(a, noisy) < 30
+    # the training loss's SSIM (valid window) agrees with the report's (reflect padding) away from the border
+    ta, tn = (torch.from_numpy(x.astype(np.float32) / 127.5 - 1)[None, None].expand(1, 3, -1, -1) for x in (a, noisy))
+    assert float(ssim_torch(ta, tn)) == pytest.approx(ssim(a, noisy), abs=0.03)
+
+
+def test_reconstruct_reports_per_class(trained, corpus_dir, tmp_path):
+    out, _ = trained
+    result = CliRunner().invoke(prior_group, ["reconstruct", "--images", str(corpus_dir), "--folder", str(out),
+                                              "--limit", "8", "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    report = read_json(tmp_path / "rep" / "vae_reconstruction.json")
+    assert report["resolution"] == 32 and report["images"] == 8
+    assert set(report["per_class"]) == {"crazing", "patches"}
+    assert all(0 < r["psnr"] < 100 and -1 <= r["ssim"] <= 1 for r in report["per_class"].values())
+    assert (tmp_path / "rep" / "vae_grid.png").exists()
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(CorpusError, match="no images found"):
+        FolderCorpus(tmp_path / "empty", 32)
