@@ -34,13 +34,15 @@ badinputs = _load_badinputs()
 
 CFG = {"image_size": 48, "k_shot": 2, "val_per_class": 1, "test_per_class": 1}
 INGEST_IN_CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from stablesdg.config import DataConfig
 from stablesdg.data import ingest
 cfg = DataConfig(**json.loads(sys.argv[3]))
 summary = ingest(Path(sys.argv[1]), Path(sys.argv[2]), cfg, ["crazing", "inclusion"], seed=0)
-summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM is this process image's own peak; ru_maxrss would include the parent's RSS inherited at fork.
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+summary["peak_rss_mb"] = int(hwm.split()[1]) / 1024
 print(json.dumps(summary))
 """
 
