@@ -1,10 +1,12 @@
-"""The embedded diffusion prior: a small SD-architecture model pretrained offline on procedural textures.
+"""The embedded diffusion prior: a small SD-architecture model pretrained offline, native at 128 px.
 
-`stablesdg prior pretrain` makes a broad texture corpus on the fly (noise fields, grain, stripes, scratches,
-blobs, pits, flakes, cracks, streaks, rings, grids, shading) at many scales, contrasts and orientations, trains
-the VAE, then the text-conditioned U-Net (with the CLIP-style text encoder), and writes a diffusers folder that
-stock `StableDiffusionImg2ImgPipeline.from_pretrained` loads. The corpus is drawn from its own seed namespace
-and generators, never from the dataset's images, so the prior has seen no image used for testing.
+`stablesdg prior pretrain --corpus DIR` trains it on any folder of images (the surface corpus stands in for
+Stable Diffusion's web-scale data): first the VAE (L1 + MSE + SSIM + a small KL term, on crops at the 128 px
+texture scale), then the text-conditioned U-Net with the CLIP-style text encoder on latents of augmented 128 px
+views, captioned by their source folder (with caption dropout, for classifier-free guidance). Without `--corpus`
+it falls back to an endless procedural texture corpus. It writes a diffusers folder that stock
+`StableDiffusionImg2ImgPipeline.from_pretrained` loads, and `recipe.json`: recipe, corpus manifest hash,
+device, steps, wall time and the sha256 of every file.
 """
 
 from __future__ import annotations
