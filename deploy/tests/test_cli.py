@@ -76,7 +76,8 @@ def test_missing_metadata_key_is_reported(tmp_path, capsys):
 
 
 def test_info_json_in_a_subprocess_without_torch(rgb_model):
-    result = run_cli("info", str(rgb_model), "--json", "--expected-sha256", sha256_hex(rgb_model.read_bytes()))
+    pin = sha256_hex(rgb_model.read_bytes())
+    result = run_cli("info", str(rgb_model), "--json", "--expected-sha256", pin)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["class_names"] == ["red_defect", "green_defect", "blue_defect"]
@@ -89,7 +90,8 @@ def test_info_json_in_a_subprocess_without_torch(rgb_model):
 
 
 PROVENANCE = {"git_commit": "1f" * 20, "git_dirty": "true", "synthetic_hash": "dvc-md5:5e5e.dir",
-              "adapter_sha256": json.dumps({"crazing": {"lora.safetensors": "ad" * 32}}), "mean_fid": "38.4215",
+              "adapter_sha256": json.dumps({"crazing": {"lora.safetensors": "ad" * 32}}),
+              "mean_fid": "38.4215",
               "gain_macro_f1_mean": "+0.041200", "gain_macro_f1_std": "0.012000", "gain_repeats": "3",
               "int8_decision": "rejected", "int8_reason": "drop 1.20 points > 0.5", "mlflow_run_id": "abc"}
 
