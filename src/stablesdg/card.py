@@ -83,7 +83,9 @@ def _per_class_section(c: CardInputs) -> str:
 
 
 def _synthetic_section(c: CardInputs) -> str:
-    parts = ["<h2>Synthetic data per class</h2>"]
+    parts = ["<h2>Synthetic data per class</h2>",
+             f"<p>Mean FID {_esc(c.tags.get('mean_fid', 'n/a'))}, KID {_esc(c.tags.get('mean_kid', 'n/a'))} "
+             f"({_esc(c.tags.get('feature_net', 'n/a'))} features)</p>"]
     if c.fid_per_class:
         keys = sorted({k for rec in c.fid_per_class.values() for k in rec})
         rows = [[cls, *(_fmt(c.fid_per_class[cls].get(k)) for k in keys)] for cls in sorted(c.fid_per_class)]
@@ -97,7 +99,8 @@ def _synthetic_section(c: CardInputs) -> str:
             parts.append(f"<h3>{_esc(cls)}: real (top) vs synthetic (bottom)</h3>"
                          f'<img alt="{_esc(cls)} grid" src="data:image/png;base64,{data}">')
         else:
-            parts.append(f"<p>{_esc(cls)}: no grid ({_esc(grid or 'no grids folder')} missing)</p>")
+            missing = f"{grid} missing" if grid else "no grids folder given to the train stage"
+            parts.append(f"<p>{_esc(cls)}: no grid ({_esc(missing)})</p>")
     return "".join(parts)
 
 
