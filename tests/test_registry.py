@@ -167,6 +167,7 @@ def test_every_registered_version_has_a_self_contained_model_card(trained, mlflo
     mv = mlflow_client.get_model_version(NAME, reg.version)
     card = card_of(mlflow_client, reg.version)
     assert mv.tags["model_card"] == "model_card.html" and "model_card.html" in mv.description
+    assert mv.tags["feature_net"] == "surface"  # named by the evaluate report (metrics/fid.json has the means)
     ev = result.evaluation
     assert f"{ev.accuracy:.4f}" in card and f"{ev.macro_f1:.4f}" in card
     for cls, p, r in zip(CLASSES, ev.precision, ev.recall, strict=True):

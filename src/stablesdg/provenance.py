@@ -108,9 +108,11 @@ def gain_stats(gain: Mapping[str, float] | None, repeats: Mapping | None, metric
 
 def registration_tags(run_tags: Mapping[str, str], processed: str | Path, synthetic: str | Path,
                       gain: Mapping | None, repeats: Mapping | None, fid_file: str | Path | None,
+                      fid_report: str | Path | None = None,
                       adapters_dir: str | Path = ADAPTERS_DIR) -> dict[str, str]:
-    """The provenance part of a new version's tags (the metrics part is `registry.version_tags`)."""
-    stats, fid = gain_stats(gain, repeats), fid_means(fid_file)
+    """The provenance part of a new version's tags (the metrics part is `registry.version_tags`). The feature
+    net's name is in the evaluate report only; the means are in both."""
+    stats, fid = gain_stats(gain, repeats), {**fid_means(fid_report), **fid_means(fid_file)}
     fmt = lambda v: "n/a" if v is None else f"{v:+.6f}"  # noqa: E731
     return {
         "git_commit": run_tags.get("git_commit", UNKNOWN),

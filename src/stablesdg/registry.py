@@ -122,12 +122,12 @@ def decide(value: float, champion: ModelVersion | None, champion_value: float | 
 # --------------------------------------------------------------------------------------- registration
 def version_tags(best: VariantResult, params: Params, splits: Splits, gain: dict | None,
                  fid_file: Path | None, run_tags: dict[str, str], repeats: dict | None = None,
-                 synthetic_dir: Path = Path("data/synthetic")) -> dict[str, str]:
+                 synthetic_dir: Path = Path("data/synthetic"), fid_report: Path | None = None) -> dict[str, str]:
     from .provenance import registration_tags
 
     metric = params.classifier.primary_metric
     tags = {k: v for k, v in run_tags.items() if k.startswith(("dvc_hash.", "data_sha256."))}
-    tags.update(registration_tags(run_tags, splits.root, synthetic_dir, gain, repeats, fid_file))
+    tags.update(registration_tags(run_tags, splits.root, synthetic_dir, gain, repeats, fid_file, fid_report))
     tags.update({
         "variant": best.variant,
         "test_set_sha256": best.test_hash,
@@ -208,7 +208,7 @@ def register_best(params: Params, results: Sequence[VariantResult], splits: Spli
     run = mlflow_client.get_run(best.run_id)
     parent_tags = mlflow_client.get_run(parent_run_id).data.tags
     tags = version_tags(best, params, splits, gain, fid_file, {**parent_tags, **run.data.tags}, repeats,
-                        synthetic_dir)
+                        synthetic_dir, fid_report)
     if champion_value is not None:
         tags[f"champion_v{champion.version}_{metric}_on_this_test_set"] = f"{champion_value:.6f}"
     tags["registration_decision"] = f"{alias}: {reason}"[:5000]

@@ -289,12 +289,12 @@ def evaluate_sets(params: Params, processed: Path, synthetic: Path, scorer: Scor
 
 
 def fid_metrics(result: dict) -> dict:
-    """What metrics/fid.json declares to DVC: the means under short keys whatever the feature net (`feature_net`
-    says which); the per-class detail goes to the report (reports/evaluate/fid_per_class.json)."""
+    """What metrics/fid.json declares to DVC: the means under short keys whatever the feature net (the param
+    `metrics.feature_net` says which, and `dvc exp show` shows it when it changes); the per-class detail and
+    the net's name go to the report (reports/evaluate/fid_per_class.json)."""
     from .provenance import means_of
 
-    means = {k: round(v, 4) for k, v in means_of(result).items() if k != "feature_net"}
-    return {"feature_net": result["feature_net"], **means}
+    return {k: round(v, 4) for k, v in means_of(result).items() if k != "feature_net"}
 
 
 def closeness(scorer: Scorer, processed: Path, cls: str, fake: list[Path]) -> dict[str, float]:
