@@ -32,6 +32,9 @@ for k in ${@:-10 30}; do
   echo "== NEU-CLS k=$k: pipeline" >&2
   dvc exp run -f -n "neu-k$k" "${overrides[@]}" -S "data.source=$NEU" -S "data.k_shot=$k"
   cp metrics/fid.json metrics/train.json metrics/data.json "$out"/
+  # the per-class detail is no longer in metrics/ (issue 16): keep the reports next to them
+  cp reports/train/summary.json "$out/train_summary.json" && cp reports/data/summary.json "$out/data_summary.json"
+  cp reports/evaluate/fid_per_class.json "$out"/
   mkdir -p "$out/search" "$out/grids"
   cp reports/search/*.json "$out/search/" && cp reports/grids/*.png "$out/grids/"
   echo "== NEU-CLS k=$k: recognition ($SEEDS seeds)" >&2

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
 from conftest import make_processed
+from PIL import Image
 
 from stablesdg.classifier import (
     BACKBONES,
@@ -23,6 +28,7 @@ from stablesdg.classifier import (
     run_training,
     sample_synthetic,
     train_classifier,
+    train_command,
     weights_file_name,
 )
 from stablesdg.config import parse_params
@@ -202,3 +208,45 @@ def test_repeats_retrain_both_variants_with_consecutive_seeds(data, mlflow_store
     parent = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
               if "variant" not in r.data.tags]
     assert parent[0].data.metrics["gain_macro_f1_mean"] == pytest.approx(rep["gain_macro_f1_mean"])
+
+
+def test_registered_version_has_a_model_card_with_the_declared_figures(data, mlflow_store, tmp_path):
+    """`stablesdg train` end to end: metrics/train.json (few figures), reports/train/summary.json (all of them),
+    and a model card on the registered version that holds every figure of both."""
+    processed, synthetic = data
+    raw = {"seed": 5, "classes": {c: {"initializer": "line"} for c in CLASSES},
+           "classifier": {"backbone": "mobilenet_v3_small", "input_size": 48, "epochs": 1, "batch_size": 8,
+                          "repeats": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    for cls in CLASSES:
+        Image.new("RGB", (16, 8), "gray").save(grids / f"{cls}.png")
+    result = CliRunner().invoke(train_command, [
+        "--params", str(tmp_path / "params.yaml"), "--processed", str(processed), "--synthetic", str(synthetic),
+        "--fid", str(tmp_path / "none.json"), "--fid-report", str(tmp_path / "none.json"), "--grids", str(grids),
+        "--metrics", str(tmp_path / "metrics" / "train.json"), "--reports", str(tmp_path / "reports"),
+        "--weights", str(tmp_path / "weights")])
+    assert result.exit_code == 0, result.output
+    declared = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
+    assert set(declared) == {"acc", "f1", "gain", "gain_sd"}
+    rep = summary["repeats"]
+    figures = {"acc": summary["real_plus_synthetic"]["accuracy"], "f1": summary["real_plus_synthetic"]["macro_f1"],
+               "gain": rep["gain_macro_f1_mean"], "gain_sd": rep["gain_macro_f1_std"]}
+    assert declared == {k: round(v, 3) for k, v in figures.items()}
+
+    champion = alias_version(client(), "steel-defect-classifier", CHAMPION)
+    assert champion.tags["model_card"] == "model_card.html" and "model_card.html" in champion.description
+    assert champion.tags["gain_macro_f1_mean"] == f"{summary['repeats']['gain_macro_f1_mean']:+.6f}"
+    card = Path(mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path="model_card.html"))
+    text = card.read_text()
+    # every declared figure, at the card's 4 decimals (metrics/train.json rounds them to 3)
+    assert f"{rep['gain_macro_f1_mean']:+.4f}" in text and f"{rep['gain_macro_f1_std']:.4f}" in text
+    for variant in ("real_only", "real_plus_synthetic"):
+        for figure in ("accuracy", "macro_f1"):
+            assert f"{summary[variant][figure]:.4f}" in text
+        for cls, pr in summary[variant]["per_class"].items():
+            assert f"<td>{cls}</td><td>{pr['precision']:.3f}</td><td>{pr['recall']:.3f}</td>" in text
+    assert text.count("data:image/png;base64,") == len(CLASSES)
+    assert summary["registered"]["reason"] in text

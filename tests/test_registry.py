@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -9,11 +10,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import click
 import mlflow
 import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, make_processed, run_cli
+from PIL import Image
 
 from stablesdg.classifier import (
     TrainResult,
@@ -37,7 +40,7 @@ from stablesdg.registry import (
     register_best,
     rollback,
 )
-from stablesdg.tracking import stage_run
+from stablesdg.tracking import git_dirty, stage_run
 
 CLASSES = ["crazing", "patches", "scratches"]
 NAME = "steel-defect-classifier"
@@ -74,14 +77,14 @@ def trained(tmp_path_factory):
     return params, splits, other_splits, model
 
 
-def log_and_register(model, splits, params, variant: str):
+def log_and_register(model, splits, params, variant: str, **card):
     """Log `model` as a training run exactly as the train stage does, then apply the registry policy."""
     tags = {"variant": variant, "test_set_sha256": splits.test_hash}
-    with stage_run("train", params, run_name=variant, extra_tags=tags) as run:
+    with stage_run("train", params, inputs=[splits.root], run_name=variant, extra_tags=tags) as run:
         uri = log_classifier(model, splits.spec)
     result = VariantResult(variant, evaluate(model, splits.test, len(CLASSES)), TrainResult(model),
                            run.info.run_id, uri, splits.test_hash, len(splits.train), 0)
-    return result, register_best(params, [result], splits, None, None, run.info.run_id)
+    return result, register_best(params, [result], splits, None, None, run.info.run_id, **card)
 
 
 def aliases(mlflow_client) -> dict[str, str]:
@@ -109,6 +112,8 @@ def check_policy(trained) -> None:
     assert version2.tags["test_set_sha256"] == splits.test_hash
     assert float(version2.tags["test_macro_f1"]) == pytest.approx(strong.evaluation.macro_f1, abs=1e-6)
     assert "git_commit" in version2.tags and "champion" in version2.description
+    assert version2.tags["git_dirty"] == git_dirty() and version2.tags["model_card"] == "model_card.html"
+    assert version2.tags["data_hash"] == f"sha256:{version2.tags[f'data_sha256.{splits.root.as_posix()}']}"
 
     # The registry's champion is the in-memory model: same logits, and the batch dimension stays dynamic.
     loaded = mlflow.pytorch.load_model(f"models:/{NAME}@{CHAMPION}", map_location="cpu")
@@ -141,6 +146,67 @@ def test_champion_is_re_evaluated_on_a_different_test_set(trained, mlflow_store)
     assert reg.alias == (CHAMPION if weak.evaluation.macro_f1 > on_new_set else CHALLENGER)
     tag = client().get_model_version(NAME, "2").tags["champion_v1_macro_f1_on_this_test_set"]
     assert float(tag) == pytest.approx(on_new_set, abs=1e-6)
+
+
+def card_of(mlflow_client, version: str) -> str:
+    mv = mlflow_client.get_model_version(NAME, version)
+    path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=mv.tags["model_card"])
+    return Path(path).read_text()
+
+
+def test_every_registered_version_has_a_self_contained_model_card(trained, mlflow_store, tmp_path):
+    params, splits, _, model = trained
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    Image.new("RGB", (8, 4), "red").save(grids / "crazing.png")  # one class with a grid, two without
+    fid_report = tmp_path / "fid_per_class.json"
+    fid_report.write_text(json.dumps({"feature_net": "surface", "per_class": {
+        c: {"fid_surface": 10.0 + i + 0.123456, "n_synthetic": 40} for i, c in enumerate(CLASSES)}}))
+    result, reg = log_and_register(model, splits, params, "real_only", fid_report=fid_report, grids_dir=grids)
+    mlflow_client = client()
+    mv = mlflow_client.get_model_version(NAME, reg.version)
+    card = card_of(mlflow_client, reg.version)
+    assert mv.tags["model_card"] == "model_card.html" and "model_card.html" in mv.description
+    assert mv.tags["feature_net"] == "surface"  # named by the evaluate report (metrics/fid.json has the means)
+    ev = result.evaluation
+    assert f"{ev.accuracy:.4f}" in card and f"{ev.macro_f1:.4f}" in card
+    for cls, p, r in zip(CLASSES, ev.precision, ev.recall, strict=True):
+        assert f"<td>{cls}</td><td>{p:.3f}</td><td>{r:.3f}</td>" in card
+    for row in ev.confusion.tolist():
+        assert "".join(f"<td>{n}</td>" for n in row) in card  # each confusion row, as counts
+    assert "11.1235" in card and "12.1235" in card  # FID per class from the evaluate report
+    assert card.count("data:image/png;base64,") == 1 and "scratches: no grid" in card
+    assert "first registered version" in card and "@champion" in card
+    assert mv.tags["test_set_sha256"] in card and mv.tags["git_commit"] in card
+    assert "src=\"http" not in card and "<link" not in card  # self-contained: nothing to fetch
+
+
+def test_promotion_needs_a_card_and_the_same_test_set(trained, mlflow_store, tmp_path):
+    params, splits, other_splits, model = trained
+    mlflow_client = client()
+    log_and_register(model, splits, params, "real_only")  # v1: champion, with its card
+    # v2: registered by hand (as before model cards existed): same test set, no card
+    source = mlflow_client.get_model_version(NAME, "1").source
+    mlflow.register_model(source, NAME, tags={"test_set_sha256": splits.test_hash})
+    with pytest.raises(click.ClickException, match=r"v2 has no model card"):
+        promote(mlflow_client, NAME, "2", "looks fine")
+    # v3: a card, but evaluated on another test set than the champion's
+    _, reg3 = log_and_register(constant_model(0), other_splits, params, "real_only")
+    assert reg3.alias == CHALLENGER  # the premise: v3 is not champion already
+    with pytest.raises(click.ClickException, match=r"v3 was tested on test set .* not comparable"):
+        promote(mlflow_client, NAME, "3", "looks fine")
+    assert aliases(mlflow_client)[CHAMPION] == "1"
+
+    env = {"MLFLOW_TRACKING_URI": mlflow_store}
+    refused = run_cli(["stablesdg", "registry", "promote", "3", "--reason", "x", "--name", NAME], tmp_path, env,
+                      check=False)
+    assert refused.returncode != 0 and "--force" in refused.stderr
+    run_cli(["stablesdg", "registry", "promote", "3", "--force", "--reason", "new test set approved by QA",
+             "--name", NAME], tmp_path, env)
+    assert aliases(client()) == {CHAMPION: "3", PREVIOUS: "1"}
+    forced = client().get_model_version(NAME, "3").tags["forced_promotion"]
+    assert "new test set approved by QA" in forced and "not comparable" in forced
+    assert "forced_promotion" not in client().get_model_version(NAME, "1").tags
 
 
 def test_cli_errors_are_clear(trained, mlflow_store, tmp_path):

@@ -88,8 +88,9 @@ def test_evaluate_writes_the_exact_metrics_shape(world, mlflow_store, tmp_path):
                        tmp_path / "no-search" / f"{cls}.json")
     invoke(evaluate_command, ["--params", world["params_file"], "--processed", world["processed"], "--synthetic",
                               tmp_path / "synthetic", "--metrics",
-                              tmp_path / "metrics" / "fid.json", "--grids", tmp_path / "grids"])
-    result = json.loads((tmp_path / "metrics" / "fid.json").read_text())
+                              tmp_path / "metrics" / "fid.json", "--report", tmp_path / "report.json",
+                              "--grids", tmp_path / "grids"])
+    result = json.loads((tmp_path / "report.json").read_text())
     assert list(result) == ["feature_net", "per_class", "mean"] and result["feature_net"] == "surface"
     assert list(result["per_class"]) == CLASSES
     for rec in result["per_class"].values():
@@ -100,6 +101,11 @@ def test_evaluate_writes_the_exact_metrics_shape(world, mlflow_store, tmp_path):
     assert set(result["mean"]) == {"fid_surface", "kid_surface_mean", "novelty", "nearest_train_ssim"}
     fids = [r["fid_surface"] for r in result["per_class"].values()]
     assert result["mean"]["fid_surface"] == pytest.approx(sum(fids) / len(fids))
+    # the DVC metric: the means only, under keys that do not depend on the feature net
+    declared = json.loads((tmp_path / "metrics" / "fid.json").read_text())
+    assert list(declared) == ["fid", "kid", "novelty"]
+    assert declared["fid"] == pytest.approx(result["mean"]["fid_surface"], abs=1e-4)
+    assert declared["kid"] == pytest.approx(result["mean"]["kid_surface_mean"], abs=1e-4)
     assert all((tmp_path / "grids" / f"{cls}.png").exists() for cls in CLASSES)
     run = mlflow.search_runs(experiment_names=["stablesdg"], output_format="list")[0]
     assert "grids" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}

@@ -14,6 +14,7 @@ from processes import run_cli
 
 from stablesdg_line import sha256_hex
 from stablesdg_line.cli import EXIT_MODEL_REFUSED, EXIT_SOME_FILES_FAILED, main
+from stablesdg_line.contract import PROVENANCE_KEYS
 
 
 def make_tree(root):
@@ -74,13 +75,42 @@ def test_missing_metadata_key_is_reported(tmp_path, capsys):
     assert "missing the required key 'mean'" in capsys.readouterr().err
 
 
-def test_info_in_a_subprocess_without_torch(rgb_model):
-    result = run_cli("info", str(rgb_model), "--expected-sha256", sha256_hex(rgb_model.read_bytes()))
+def test_info_json_in_a_subprocess_without_torch(rgb_model):
+    pin = sha256_hex(rgb_model.read_bytes())
+    result = run_cli("info", str(rgb_model), "--json", "--expected-sha256", pin)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["class_names"] == ["red_defect", "green_defect", "blue_defect"]
     assert info["model_version"] == "7" and info["metadata"]["channel_mode"] == "RGB"
     assert info["sha256"] == sha256_hex(rgb_model.read_bytes())
+    # a model exported before provenance existed still loads: every new provenance field reads "unknown"
+    # (data_hash is also one of the older descriptive keys, which this test model carries)
+    assert set(info["provenance"]) == set(PROVENANCE_KEYS) and info["provenance"]["data_hash"] == "abc123"
+    assert {v for k, v in info["provenance"].items() if k != "data_hash"} == {"unknown"}
+
+
+PROVENANCE = {"git_commit": "1f" * 20, "git_dirty": "true", "synthetic_hash": "dvc-md5:5e5e.dir",
+              "adapter_sha256": json.dumps({"crazing": {"lora.safetensors": "ad" * 32}}),
+              "mean_fid": "38.4215",
+              "gain_macro_f1_mean": "+0.041200", "gain_macro_f1_std": "0.012000", "gain_repeats": "3",
+              "int8_decision": "rejected", "int8_reason": "drop 1.20 points > 0.5", "mlflow_run_id": "abc"}
+
+
+def test_info_shows_the_provenance_the_exporter_wrote(tmp_path, capsys):
+    model = write_model(replace(RGB, metadata_overrides=PROVENANCE), tmp_path / "m.onnx")
+    assert main(["info", str(model), "--json"]) == 0
+    provenance = json.loads(capsys.readouterr().out)["provenance"]
+    assert {k: provenance[k] for k in PROVENANCE} == PROVENANCE
+    assert provenance["test_set_sha256"] == "unknown"  # absent keys are named, not dropped
+
+    assert main(["info", str(model)]) == 0
+    text = capsys.readouterr().out
+    lines = {line.split("  ")[0].strip(): line for line in text.splitlines()}
+    assert "1f" * 20 + " (tree was dirty)" in lines["git commit"]
+    assert "+0.041200 +/- 0.012000 over 3 seed(s)" in lines["gain macro-F1"]
+    assert "mean FID 38.4215" in lines["synthetic set"] and "dvc-md5:5e5e.dir" in lines["synthetic"]
+    assert "crazing " + "ad" * 6 in lines["adapters"]
+    assert lines["int8 gate"].endswith("rejected: drop 1.20 points > 0.5")
 
 
 def test_console_script_is_installed():

@@ -30,7 +30,6 @@ from .utils import (
     canonical_safetensors_header,
     derive_seed,
     pick_device,
-    read_json,
     seed_everything,
     sha256_file,
     sha256_tree,
@@ -40,6 +39,8 @@ from .utils import (
 BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
 VARIANTS = ("real_only", "real_plus_synthetic")
 GAIN_METRICS = ("accuracy", "macro_f1")
+SUMMARY_FILE = "summary.json"  # the full train report in --reports; metrics/train.json holds train_metrics()
+CHAMPION_FILE = "champion.json"  # champion_param(): the export stage's DVC param
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 BRIGHTNESS_JITTER = 0.08  # additive, in [0, 1] pixel units: lighting drift on the line
 CONTRAST_JITTER = 0.1  # multiplicative around the image mean
@@ -727,8 +728,10 @@ def gain(augmented: VariantResult, baseline: VariantResult) -> dict[str, float]:
 
 
 def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, reports_dir: Path,
-                 fid_file: Path | None = None, register: bool = True, weights_dir: Path | None = None) -> dict:
-    """Both variants, their comparison, `metrics/train.json` content and (optionally) the registry step."""
+                 fid_file: Path | None = None, register: bool = True, weights_dir: Path | None = None,
+                 fid_report: Path | None = None, grids_dir: Path | None = None) -> dict:
+    """Both variants, their comparison, the full train report (`train_metrics` picks the declared metrics from
+    it) and (optionally) the registry step with its model card."""
     import mlflow
 
     from . import registry, tracking
@@ -763,23 +766,43 @@ def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, repor
         summary["same_test_set"] = True
         if register:
             summary["registered"] = registry.register_best(
-                params, list(results.values()), splits, summary.get("gain"), fid_file, parent.info.run_id
+                params, list(results.values()), splits, summary.get("gain"), fid_file, parent.info.run_id,
+                summary.get("repeats"), synthetic_dir, fid_report, grids_dir,
             ).to_dict()
         mlflow.log_dict(summary, "train.json")
     return summary
 
 
+def train_metrics(summary: dict) -> dict[str, float]:
+    """What metrics/train.json declares to DVC: the figures compared across experiments, under short flat keys
+    rounded to 3 decimals (`dvc exp show` makes one column per key and must fit 120 columns; one test image
+    of 120 is 0.008). `acc`/`f1` are
+    the real+synthetic model's (real-only's when no synthetic set), `gain`/`gain_sd` its macro-F1 gain over
+    real-only (mean, sample std over `classifier.repeats` seeds). Per class, ids and hashes: the report."""
+    from .provenance import gain_stats
+
+    augmented = summary.get("real_plus_synthetic") or {}
+    model = summary["real_only"] if augmented.get("skipped") or not augmented else augmented
+    out = {"acc": model["accuracy"], "f1": model["macro_f1"]}
+    stats = gain_stats(summary.get("gain"), summary.get("repeats"))
+    if stats:
+        out["gain"] = stats["mean"]
+        if stats["std"] is not None:
+            out["gain_sd"] = stats["std"]
+    return {k: round(float(v), 3) for k, v in out.items()}
+
+
+def champion_param(summary: dict) -> dict[str, str]:
+    """reports/train/champion.json: the registry's champion after this training, which the export stage reads
+    as a DVC *param*: export re-runs when the champion changes, and `dvc exp show` shows a short version
+    number instead of the 32-character md5 column a file dependency on train's outputs would add."""
+    registered = summary.get("registered") or {}
+    champion = registered.get("version") if registered.get("alias") == "champion" else registered.get("champion_before")
+    return {"champion": str(champion or "none")}
+
+
 def _synthetic_hash(synthetic_dir: Path) -> str:
     return sha256_tree(synthetic_dir) if synthetic_dir.exists() else "none"
-
-
-def mean_fid(fid_file: Path | None) -> float | None:
-    """The mean FID of `metrics/fid.json` (`fid` for Inception, `fid_surface` for the surface feature net)."""
-    if fid_file is None or not Path(fid_file).exists():
-        return None
-    mean = read_json(fid_file).get("mean", {})
-    value = mean.get("fid", mean.get("fid_surface"))
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 @click.command("train")
@@ -787,24 +810,31 @@ def mean_fid(fid_file: Path | None) -> float | None:
 @click.option("--processed", default="data/processed", show_default=True, type=click.Path(file_okay=False))
 @click.option("--synthetic", default="data/synthetic", show_default=True, type=click.Path(file_okay=False))
 @click.option("--fid", "fid_file", default="metrics/fid.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--fid-report", default="reports/evaluate/fid_per_class.json", show_default=True,
+              type=click.Path(dir_okay=False), help="Per-class FID/KID for the model card.")
+@click.option("--grids", "grids_dir", default="reports/grids", show_default=True, type=click.Path(file_okay=False),
+              help="Real-vs-synthetic grids (<class>.png) for the model card.")
 @click.option("--metrics", "metrics_file", default="metrics/train.json", show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--reports", default="reports/train", show_default=True, type=click.Path(file_okay=False))
+              type=click.Path(dir_okay=False), help="The few figures DVC compares (see train_metrics).")
+@click.option("--reports", default="reports/train", show_default=True, type=click.Path(file_okay=False),
+              help="Histories, confusion matrices and summary.json (the full train report).")
 @click.option("--weights", "weights_dir", default="models/classifier", show_default=True,
               type=click.Path(file_okay=False), help="Where each variant's trained weights are written.")
 @click.option("--register/--no-register", default=True, show_default=True,
               help="Register the better variant in the MLflow model registry.")
-def train_command(params_path: str, processed: str, synthetic: str, fid_file: str, metrics_file: str,
-                  reports: str, weights_dir: str, register: bool) -> None:
+def train_command(params_path: str, processed: str, synthetic: str, fid_file: str, fid_report: str, grids_dir: str,
+                  metrics_file: str, reports: str, weights_dir: str, register: bool) -> None:
     """Train the real-only baseline and the real+synthetic classifier; compare them on the real test set."""
 
     params = load_or_exit(params_path)
     try:
         summary = run_training(params, Path(processed), Path(synthetic), Path(reports), Path(fid_file), register,
-                               Path(weights_dir))
+                               Path(weights_dir), Path(fid_report), Path(grids_dir))
     except PretrainedWeightsError as err:
         raise click.ClickException(str(err)) from None
-    write_json(metrics_file, summary)
+    write_json(Path(reports) / SUMMARY_FILE, summary)
+    write_json(Path(reports) / CHAMPION_FILE, champion_param(summary))
+    write_json(metrics_file, train_metrics(summary))
     metric = params.classifier.primary_metric
     line = f"train: real_only test {metric}={summary['real_only'][metric]:.4f}"
     if summary["gain"] is not None:
@@ -814,7 +844,7 @@ def train_command(params_path: str, processed: str, synthetic: str, fid_file: st
         rep = summary["repeats"]
         line += (f"; over {len(rep['seeds'])} seeds gain {rep[f'gain_{metric}_mean']:+.4f} "
                  f"+/- {rep[f'gain_{metric}_std']:.4f}")
-    click.echo(line + f" -> {metrics_file}")
+    click.echo(line + f" -> {metrics_file}, {Path(reports) / SUMMARY_FILE}")
     if "registered" in summary:
         reg = summary["registered"]
         click.echo(f"registry: {reg['model_name']} v{reg['version']} ({reg['variant']}) -> @{reg['alias']}: "

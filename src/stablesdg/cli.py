@@ -42,6 +42,7 @@ LAZY_COMMANDS = {
     "pretrain": "stablesdg.pretrain:pretrain_group",
     "recognition": "stablesdg.recognition:recognition_command",
     "features": "stablesdg.metrics:features_command",
+    "provenance": "stablesdg.provenance:provenance_command",
 }
 
 
@@ -92,7 +93,7 @@ def data_demo(params_path: str, out: str) -> None:
 def data_ingest(params_path: str, out: str, reports: str) -> None:
     """Normalise data.source into data/processed with a manifest, a split and a quarantine report."""
     from . import tracking
-    from .data import DataError, contact_sheet, ingest
+    from .data import DataError, contact_sheet, data_metrics, ingest
     from .utils import write_json
 
     params = load_or_exit(params_path)
@@ -103,7 +104,8 @@ def data_ingest(params_path: str, out: str, reports: str) -> None:
     reports_dir = Path(reports)
     write_json(reports_dir / "quarantine.json", {"count": summary["quarantined"], "files": summary["rejected"]})
     counts = {k: v for k, v in summary.items() if k != "rejected"}
-    write_json(Path("metrics/data.json"), counts)
+    write_json(reports_dir / "summary.json", counts)  # layout, source, per-class split counts
+    write_json(Path("metrics/data.json"), data_metrics(summary))
     sheet = contact_sheet(Path(out), params.class_names)
     sheet.save(reports_dir / "contact_sheet.png")
     with tracking.stage_run("ingest", params, inputs=[params.data.source]) as _run:

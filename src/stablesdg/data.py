@@ -217,6 +217,12 @@ def decode_image_bytes(raw: bytes, suffix: str, cfg: DataConfig) -> tuple[Image.
 
 
 # --------------------------------------------------------------------------------------- ingest
+def data_metrics(summary: dict) -> dict[str, int]:
+    """What metrics/data.json declares to DVC: the totals. Per-class split counts would add a column per class
+    and split to `dvc exp show`; they stay in reports/data/summary.json."""
+    return {"images": summary["images"], "quarantined": summary["quarantined"]}
+
+
 def ingest(source: Path, out_dir: Path, cfg: DataConfig, classes: list[str], seed: int) -> dict:
     """Normalise `source` into `out_dir`; returns a summary (counts, quarantine) for reports and MLflow."""
     if not source.is_dir():

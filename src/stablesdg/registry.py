@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .card import CARD_FILE, CARD_TAG, CardInputs, fid_per_class
+from .card import render as render_card
 from .config import Params
 from .options import load_or_exit, params_option
 from .preprocess import PreprocessSpec
@@ -119,12 +121,13 @@ def decide(value: float, champion: ModelVersion | None, champion_value: float | 
 
 # --------------------------------------------------------------------------------------- registration
 def version_tags(best: VariantResult, params: Params, splits: Splits, gain: dict | None,
-                 fid_file: Path | None, run_tags: dict[str, str]) -> dict[str, str]:
-    from .classifier import mean_fid
+                 fid_file: Path | None, run_tags: dict[str, str], repeats: dict | None = None,
+                 synthetic_dir: Path = Path("data/synthetic"), fid_report: Path | None = None) -> dict[str, str]:
+    from .provenance import registration_tags
 
     metric = params.classifier.primary_metric
-    tags = {k: v for k, v in run_tags.items() if k.startswith(("dvc_hash.", "data_sha256.", "git_commit"))}
-    fid = mean_fid(fid_file)
+    tags = {k: v for k, v in run_tags.items() if k.startswith(("dvc_hash.", "data_sha256."))}
+    tags.update(registration_tags(run_tags, splits.root, synthetic_dir, gain, repeats, fid_file, fid_report))
     tags.update({
         "variant": best.variant,
         "test_set_sha256": best.test_hash,
@@ -135,7 +138,6 @@ def version_tags(best: VariantResult, params: Params, splits: Splits, gain: dict
         "test_macro_f1": repr(float(best.evaluation.macro_f1)),
         "gain_accuracy": "n/a" if gain is None else f"{gain['accuracy']:+.6f}",
         "gain_macro_f1": "n/a" if gain is None else f"{gain['macro_f1']:+.6f}",
-        "mean_fid": "n/a" if fid is None else f"{fid:.4f}",
         "backbone": params.classifier.backbone,
         "input_size": str(params.classifier.input_size),
         "n_train_real": str(best.n_train_real),
@@ -175,8 +177,12 @@ def describe(version: str, best: VariantResult, results: Sequence[VariantResult]
     lines += [
         "",
         f"- gain over real-only: accuracy {tags['gain_accuracy']}, macro-F1 {tags['gain_macro_f1']}",
-        f"- test set sha256 `{tags['test_set_sha256'][:16]}`, synthetic sha256 `{tags['synthetic_sha256'][:16]}`, "
-        f"mean FID {tags['mean_fid']}, git `{tags.get('git_commit', 'unknown')[:12]}`",
+        f"- gain macro-F1 over {tags['gain_repeats']} seed(s): {tags['gain_macro_f1_mean']} "
+        f"+/- {tags['gain_macro_f1_std']}",
+        f"- test set sha256 `{tags['test_set_sha256'][:16]}`, synthetic `{tags['synthetic_hash'][:24]}`, "
+        f"mean FID {tags['mean_fid']} / KID {tags['mean_kid']} ({tags['feature_net']}), "
+        f"git `{tags.get('git_commit', 'unknown')[:12]}`" + (" (dirty)" if tags.get("git_dirty") == "true" else ""),
+        f"- **model card: {_artifact_link(best.run_id, experiment_id, CARD_FILE)}**",
         f"- evidence: {_artifact_link(best.run_id, experiment_id)}, "
         f"{_artifact_link(best.run_id, experiment_id, 'confusion_matrix.png')}, "
         f"{_artifact_link(best.run_id, experiment_id, 'misclassified.png')}, "
@@ -186,8 +192,10 @@ def describe(version: str, best: VariantResult, results: Sequence[VariantResult]
 
 
 def register_best(params: Params, results: Sequence[VariantResult], splits: Splits, gain: dict | None,
-                  fid_file: Path | None, parent_run_id: str) -> Registration:
-    """Register the better variant as a new version and give it `champion` or `challenger`."""
+                  fid_file: Path | None, parent_run_id: str, repeats: dict | None = None,
+                  synthetic_dir: Path = Path("data/synthetic"), fid_report: Path | None = None,
+                  grids_dir: Path | None = None) -> Registration:
+    """Register the better variant as a new version, log its model card, give it `champion` or `challenger`."""
     import mlflow
 
     mlflow_client = client()
@@ -199,13 +207,18 @@ def register_best(params: Params, results: Sequence[VariantResult], splits: Spli
     alias, reason = decide(value, champion, champion_value, why, metric)
     run = mlflow_client.get_run(best.run_id)
     parent_tags = mlflow_client.get_run(parent_run_id).data.tags
-    tags = version_tags(best, params, splits, gain, fid_file, {**parent_tags, **run.data.tags})
+    tags = version_tags(best, params, splits, gain, fid_file, {**parent_tags, **run.data.tags}, repeats,
+                        synthetic_dir, fid_report)
     if champion_value is not None:
         tags[f"champion_v{champion.version}_{metric}_on_this_test_set"] = f"{champion_value:.6f}"
     tags["registration_decision"] = f"{alias}: {reason}"[:5000]
     mv = mlflow.register_model(best.model_uri, name, tags=tags)
     registration = Registration(name, str(mv.version), alias, best.variant, reason, metric, value,
                                 str(champion.version) if champion else None, champion_value)
+    card = CardInputs(registration, results, splits.spec.class_names, tags, repeats, fid_per_class(fid_report),
+                      grids_dir)
+    mlflow_client.log_text(best.run_id, render_card(card), CARD_FILE)
+    mlflow_client.set_model_version_tag(name, mv.version, CARD_TAG, CARD_FILE)
     mlflow_client.update_model_version(name, mv.version, describe(
         str(mv.version), best, results, registration, tags, splits.spec.class_names, run.info.experiment_id))
     if alias == CHAMPION and champion is not None:
@@ -215,12 +228,42 @@ def register_best(params: Params, results: Sequence[VariantResult], splits: Spli
 
 
 # --------------------------------------------------------------------------------------- alias moves
-def promote(mlflow_client: MlflowClient, name: str, version: str, reason: str) -> str | None:
-    """Make `version` the champion; the old champion becomes `previous-champion`. Returns the old one."""
-    mlflow_client.get_model_version(name, version)  # raises for an unknown version
+def has_card(mlflow_client: MlflowClient, mv: ModelVersion) -> bool:
+    """The version's tag names a card AND that artifact is in its run (a tag alone proves nothing)."""
+    path = mv.tags.get(CARD_TAG)
+    return bool(path) and any(a.path == path for a in mlflow_client.list_artifacts(mv.run_id))
+
+
+def promotion_objections(mlflow_client: MlflowClient, mv: ModelVersion, champion: ModelVersion | None) -> list[str]:
+    """Why `mv` should not become champion without a human override (empty: nothing against it)."""
+    objections = []
+    if not has_card(mlflow_client, mv):
+        objections.append(f"v{mv.version} has no model card ({CARD_FILE} in run {mv.run_id})")
+    if champion is not None:
+        ours, theirs = mv.tags.get("test_set_sha256"), champion.tags.get("test_set_sha256")
+        if not ours or ours != theirs:
+            objections.append(f"v{mv.version} was tested on test set {str(ours)[:12]}, champion v{champion.version}"
+                              f" on {str(theirs)[:12]}: the numbers are not comparable")
+    return objections
+
+
+def promote(mlflow_client: MlflowClient, name: str, version: str, reason: str, force: bool = False) -> str | None:
+    """Make `version` the champion; the old champion becomes `previous-champion`. Returns the old one.
+
+    Refused when the version has no model card or another test set than the champion's, unless `force`: the
+    override and its reason are then recorded as the `forced_promotion` tag.
+    """
+    mv = mlflow_client.get_model_version(name, version)  # raises for an unknown version
     old = alias_version(mlflow_client, name, CHAMPION)
     if old is not None and str(old.version) == str(version):
         raise click.ClickException(f"{name} v{version} is already the champion")
+    objections = promotion_objections(mlflow_client, mv, old)
+    if objections and not force:
+        raise click.ClickException(f"refusing to promote {name} v{version}: " + "; ".join(objections)
+                                   + ". Pass --force --reason '...' to override (the reason is recorded).")
+    if objections:
+        mlflow_client.set_model_version_tag(name, version, "forced_promotion",
+                                            f"{now()} {reason} (overrode: {'; '.join(objections)})"[:5000])
     if old is not None:
         mlflow_client.set_registered_model_alias(name, PREVIOUS, old.version)
         mlflow_client.set_model_version_tag(name, old.version, "demoted_reason", f"{now()} {reason}")
@@ -333,11 +376,17 @@ def show_command(version: str, params_path: str, name: str | None) -> None:
 @registry_group.command("promote")
 @click.argument("version")
 @click.option("--reason", required=True, help="Why (recorded as the version's promotion_reason tag).")
+@click.option("--force", is_flag=True,
+              help="Promote without a model card or on another test set than the champion's (tagged forced_promotion).")
 @_registry_command
-def promote_command(version: str, reason: str, params_path: str, name: str | None) -> None:
-    """Make VERSION the champion; the old champion becomes previous-champion."""
+def promote_command(version: str, reason: str, force: bool, params_path: str, name: str | None) -> None:
+    """Make VERSION the champion; the old champion becomes previous-champion.
+
+    Refused for a version without a model card, or tested on another test set than the champion's, unless
+    --force (the reason is then recorded as the forced_promotion tag).
+    """
     name = _name(params_path, name)
-    old = promote(client(), name, version, reason)
+    old = promote(client(), name, version, reason, force)
     click.echo(f"{name}: v{version} is champion" + (f" (v{old} is previous-champion)" if old else ""))
 
 

@@ -274,7 +274,7 @@ def synthetic_paths(synthetic: Path, cls: str) -> list[Path]:
 
 def evaluate_sets(params: Params, processed: Path, synthetic: Path, scorer: Scorer,
                   classes: list[str]) -> dict:
-    """metrics/fid.json: per-class FID/KID of the synthetic set against the real TEST images, and their mean."""
+    """The evaluate report: per-class FID/KID of the synthetic set against the real TEST images, and their mean."""
     from .data import split_paths
 
     keys = scorer.keys
@@ -286,6 +286,15 @@ def evaluate_sets(params: Params, processed: Path, synthetic: Path, scorer: Scor
     mean = {k: sum(v[k] for v in per_class.values()) / len(per_class)
             for k in (keys["fid"], keys["kid_mean"], "novelty", "nearest_train_ssim")}
     return {"feature_net": scorer.extractor.name, "per_class": per_class, "mean": mean}
+
+
+def fid_metrics(result: dict) -> dict:
+    """What metrics/fid.json declares to DVC: the means under short keys whatever the feature net (the param
+    `metrics.feature_net` says which, and `dvc exp show` shows it when it changes); the per-class detail and
+    the net's name go to the report (reports/evaluate/fid_per_class.json)."""
+    from .provenance import means_of
+
+    return {k: round(v, 4) for k, v in means_of(result).items() if k != "feature_net"}
 
 
 def closeness(scorer: Scorer, processed: Path, cls: str, fake: list[Path]) -> dict[str, float]:
@@ -317,8 +326,11 @@ def real_vs_synthetic_grid(real: list[Path], fake: list[Path], n: int = 8) -> Im
 @click.option("--synthetic", default="data/synthetic", show_default=True, type=click.Path(path_type=Path))
 @click.option("--metrics", "metrics_path", default="metrics/fid.json", show_default=True,
               type=click.Path(path_type=Path))
+@click.option("--report", default="reports/evaluate/fid_per_class.json", show_default=True,
+              type=click.Path(path_type=Path), help="Per-class FID/KID, novelty and counts (not a DVC metric).")
 @click.option("--grids", default="reports/grids", show_default=True, type=click.Path(path_type=Path))
-def evaluate_command(params_path: str, processed: Path, synthetic: Path, metrics_path: Path, grids: Path) -> None:
+def evaluate_command(params_path: str, processed: Path, synthetic: Path, metrics_path: Path, report: Path,
+                     grids: Path) -> None:
     """FID/KID of each class's final synthetic set against its real test images, plus real-vs-synthetic grids."""
     import mlflow
 
@@ -332,15 +344,16 @@ def evaluate_command(params_path: str, processed: Path, synthetic: Path, metrics
         with tracking.stage_run("evaluate", params, inputs=[processed / "splits", synthetic],
                                 extra_tags={"feature_net": scorer.extractor.name}):
             result = evaluate_sets(params, processed, synthetic, scorer, params.class_names)
-            write_json(metrics_path, result)
+            write_json(report, result)
+            write_json(metrics_path, fid_metrics(result))
             for cls in params.class_names:
                 grid = real_vs_synthetic_grid(split_paths(processed, cls, "test"), synthetic_paths(synthetic, cls))
                 mlflow.log_artifact(str(save_image(grid, grids / f"{cls}.png")), artifact_path="grids")
             mlflow.log_metrics({f"{k}_{cls}": v for cls, rec in result["per_class"].items()
                                 for k, v in rec.items()})
             mlflow.log_metrics({f"mean_{k}": v for k, v in result["mean"].items()})
-            mlflow.log_artifact(str(metrics_path))
+            mlflow.log_artifact(str(report))
     except (FeatureWeightsError, MetricsError) as err:
         raise click.ClickException(str(err)) from None
     summary = ", ".join(f"{k} {v:.3f}" for k, v in result["mean"].items())
-    click.echo(f"evaluate: mean {summary} over {len(result['per_class'])} classes -> {metrics_path}")
+    click.echo(f"evaluate: mean {summary} over {len(result['per_class'])} classes -> {metrics_path}, {report}")

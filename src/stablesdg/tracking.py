@@ -55,6 +55,21 @@ def git_commit(cwd: str | Path = ".") -> str:
         return "unknown"
 
 
+# What "dirty" means for provenance: the code and pipeline definition differ from the commit. Pipeline outputs
+# (metrics/, dvc.lock, reports/) are rewritten by every `dvc repro`, so counting them would mark every run dirty.
+CODE_PATHS = ("src", "deploy/src", "dvc.yaml", "params.yaml", "pyproject.toml")
+
+
+def git_dirty(cwd: str | Path = ".") -> str:
+    """"true" when tracked code/pipeline files differ from HEAD, "false" when clean, "unknown" without git."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                             cwd=cwd, capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return "true" if out.stdout.strip() else "false"
+
+
 def dvc_hash(path: str | Path, lock_file: str | Path = "dvc.lock") -> str | None:
     """The md5 DVC recorded for `path` as a stage output or dependency in dvc.lock (None if not there)."""
     lock = Path(lock_file)
@@ -98,7 +113,7 @@ def stage_run(
     configure(params.tracking.experiment)
     with mlflow.start_run(run_name=run_name or stage, nested=nested) as run:
         mlflow.set_tags(
-            {"stage": stage, "git_commit": git_commit(), **data_tags(inputs), **(extra_tags or {})}
+            {"stage": stage, "git_commit": git_commit(), "git_dirty": git_dirty(), **data_tags(inputs), **(extra_tags or {})}
         )
         flat = {k: ("" if v is None else str(v))[:500] for k, v in flatten(params).items()}
         # log_params refuses batches over 100 keys on some stores; chunk them.

@@ -20,6 +20,7 @@ from .contract import (
     PreprocessSpec,
     descriptive_metadata,
     parse_preprocess_spec,
+    provenance_metadata,
 )
 from .images import DEFAULT_MAX_PIXELS, ImageRejected, ImageSource, load_image, preprocess, stack_batch
 
@@ -159,7 +160,7 @@ class Classifier:
         """Everything an operator needs to identify the loaded model."""
         return {"path": str(self.model_path), "sha256": self.sha256, "model_version": self.model_version,
                 "class_names": list(self.class_names), **descriptive_metadata(self.metadata),
-                "metadata": self.metadata}
+                "provenance": provenance_metadata(self.metadata), "metadata": self.metadata}
 
     def run_batch(self, x: np.ndarray) -> np.ndarray:
         """Raw logits [N, num_classes] for a preprocessed float32 [N, C, H, W] batch."""

@@ -87,8 +87,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT_S,
                        help=f"seconds to wait for a slot before 503 (default {DEFAULT_QUEUE_TIMEOUT_S:g})")
 
-    info = commands.add_parser("info", help="print the model's metadata and sha256 as JSON")
+    info = commands.add_parser("info", help="print the model's identity, provenance and evidence")
     _add_model_options(info)
+    info.add_argument("--json", action="store_true", help="print everything as one JSON object")
     return parser
 
 
@@ -191,8 +192,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    print(json.dumps(_load_classifier(args).describe(), indent=2))
+    described = _load_classifier(args).describe()
+    print(json.dumps(described, indent=2) if args.json else format_info(described))
     return 0
+
+
+def _adapters(raw: str) -> str:
+    try:
+        adapters = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    if not isinstance(adapters, dict):
+        return raw
+    # one short hash per class (the first file's): enough to tell two adapter sets apart on a screen
+    short = {cls: (sorted(files.values())[0][:12] if isinstance(files, dict) and files else "?")
+             for cls, files in adapters.items()}
+    return ", ".join(f"{cls} {h}" for cls, h in sorted(short.items())) or "none"
+
+
+def format_info(d: dict) -> str:
+    """`info` for a person: one line per fact, the full values (hashes included) so they can be compared."""
+    p = d["provenance"]
+    dirty = {"true": " (tree was dirty)", "false": " (clean)"}.get(p["git_dirty"], "")
+    rows = [
+        ("model", f"{d['model_name']} v{d['model_version']}, quantized {d['quantized']}, opset {d['opset']}"),
+        ("file", f"{d['path']}"), ("sha256", d["sha256"]), ("weights", d["weights_sha256"]),
+        ("classes", ", ".join(d["class_names"])),
+        ("git commit", f"{p['git_commit']}{dirty}"),
+        ("data", d["data_hash"]), ("synthetic", p["synthetic_hash"]),
+        ("prior recipe", p["prior_recipe_sha256"]), ("adapters", _adapters(p["adapter_sha256"])),
+        ("mlflow run", p["mlflow_run_id"]),
+        ("test set", p["test_set_sha256"]),
+        ("test", f"accuracy {p['test_accuracy'][:6]}, macro-F1 {p['test_macro_f1'][:6]}"),
+        ("gain macro-F1",
+         f"{p['gain_macro_f1_mean']} +/- {p['gain_macro_f1_std']} over {p['gain_repeats']} seed(s)"),
+        ("synthetic set", f"mean FID {p['mean_fid']}, KID {p['mean_kid']} ({p['feature_net']} features)"),
+        ("export parity", f"max |diff| {p['parity_max_abs_diff']}, top-1 agreement "
+                          f"{p['parity_top1_agreement']} on {p['parity_images']} test images"),
+        ("int8 gate", f"{p['int8_decision']}: {p['int8_reason']}"),
+        ("stablesdg", d["stablesdg_version"]),
+    ]
+    return "\n".join(f"{name:<14} {value}" for name, value in rows)
 
 
 COMMANDS = {"classify": cmd_classify, "watch": cmd_watch, "serve": cmd_serve, "info": cmd_info}

@@ -13,6 +13,13 @@ PREPROCESSING_KEYS = ("class_names", "input_size", "channel_mode", "input_channe
 # Traceability keys: shown and reported, but a model without them still runs (reported as "unknown").
 DESCRIPTIVE_KEYS = ("model_name", "model_version", "data_hash", "weights_sha256", "stablesdg_version",
                     "quantized", "opset")
+# Provenance keys (src/stablesdg/provenance.py PROVENANCE_KEYS): where the model came from and what it scored.
+# Flat strings, read with onnxruntime alone; "unknown" in a model exported before they existed.
+PROVENANCE_KEYS = ("git_commit", "git_dirty", "data_hash", "synthetic_hash", "prior_recipe_sha256",
+                   "adapter_sha256", "test_set_sha256", "test_accuracy", "test_macro_f1",
+                   "gain_macro_f1_mean", "gain_macro_f1_std", "gain_repeats", "mean_fid", "mean_kid",
+                   "feature_net", "mlflow_run_id", "parity_max_abs_diff", "parity_top1_agreement",
+                   "parity_images", "int8_decision", "int8_reason")
 SUPPORTED_RESIZE = ("bilinear",)
 # A classifier input is a few hundred pixels a side; anything near this is a broken export, and a huge size
 # with dynamic graph dims would only fail later, at warm-up, with a MemoryError.
@@ -132,3 +139,8 @@ def parse_preprocess_spec(metadata: dict[str, str]) -> PreprocessSpec:
 def descriptive_metadata(metadata: dict[str, str]) -> dict[str, str]:
     """The traceability fields, "unknown" where the exporter did not write them."""
     return {key: metadata.get(key, "unknown") for key in DESCRIPTIVE_KEYS}
+
+
+def provenance_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The provenance fields, "unknown" where the exporter did not write them (an older export)."""
+    return {key: metadata.get(key, "unknown") for key in PROVENANCE_KEYS}

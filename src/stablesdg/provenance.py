@@ -1,0 +1,283 @@
+"""Provenance: what a registered version (and the ONNX file made from it) was built from, and the check back.
+
+Recorded once, at registration, as version tags: a later export of an older champion then describes THAT
+champion, not whatever the workspace holds today. `stablesdg export` copies the tags into the ONNX
+metadata_props (flat strings: the line reads them with onnxruntime alone), `stablesdg-line info` shows them
+and `stablesdg provenance MODEL.onnx` checks them against this repository and the MLflow registry.
+
+Data hashes are labelled with their kind: `dvc-md5:<md5>` when dvc.lock had the path, else `sha256:<hex>` (our
+own content hash of the folder, `utils.sha256_tree`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+import numpy as np
+
+from .utils import read_json, sha256_file, sha256_tree
+
+if TYPE_CHECKING:
+    from torch import nn
+
+PRIOR_RECIPE = Path(__file__).parent / "assets" / "prior" / "recipe.json"  # prior.EMBEDDED_PRIOR (no torch here)
+ADAPTERS_DIR = Path("models/adapters")
+UNKNOWN = "unknown"
+
+# Copied from the version tags into the ONNX metadata (same names on both sides).
+VERSION_KEYS = ("git_commit", "git_dirty", "data_hash", "synthetic_hash", "prior_recipe_sha256", "adapter_sha256",
+                "test_set_sha256", "test_accuracy", "test_macro_f1", "gain_macro_f1_mean", "gain_macro_f1_std",
+                "gain_repeats", "mean_fid", "mean_kid", "feature_net")
+# Written by the export itself.
+EXPORT_KEYS = ("mlflow_run_id", "parity_max_abs_diff", "parity_top1_agreement", "parity_images", "int8_decision",
+               "int8_reason")
+PROVENANCE_KEYS = (*VERSION_KEYS, *EXPORT_KEYS)  # deploy/src/stablesdg_line/contract.py
+
+
+# --------------------------------------------------------------------------------------- gathering
+def labelled_hash(tags: Mapping[str, str], path: str | Path) -> str:
+    """`dvc-md5:` / `sha256:` hash of `path` from data tags (`tracking.data_tags`); `unknown` if neither."""
+    wanted = Path(path).as_posix()
+    name = Path(path).name
+    for prefix, label in (("dvc_hash.", "dvc-md5"), ("data_sha256.", "sha256")):
+        exact = tags.get(prefix + wanted)
+        loose = [v for k, v in sorted(tags.items()) if k.startswith(prefix) and k.endswith(name)]
+        if exact or loose:
+            return f"{label}:{exact or loose[0]}"
+    return UNKNOWN
+
+
+def adapter_hashes(adapters_dir: str | Path = ADAPTERS_DIR) -> dict[str, dict[str, str]]:
+    """The `sha256` field of every models/adapters/<class>/adapter.json ({} when no adapter was trained here)."""
+    out = {}
+    for record in sorted(Path(adapters_dir).glob("*/adapter.json")):
+        hashes = read_json(record).get("sha256")
+        if not isinstance(hashes, dict):
+            raise click.ClickException(f"{record}: field 'sha256' must map file names to sha256, got {hashes!r}")
+        out[record.parent.name] = hashes
+    return out
+
+
+def prior_recipe_sha256(recipe: Path = PRIOR_RECIPE) -> str:
+    return sha256_file(recipe) if recipe.exists() else "none"
+
+
+def fid_means(fid_file: str | Path | None) -> dict[str, float | str]:
+    """Mean FID / KID (and novelty) of the synthetic set from metrics/fid.json, whatever the feature net.
+
+    Reads the compact layout (`fid`, `kid`, ...) and the older one (`mean: {fid_<net>, kid_<net>_mean}`).
+    """
+    if fid_file is None or not Path(fid_file).exists():
+        return {}
+    return means_of(read_json(fid_file))
+
+
+def means_of(data: Mapping) -> dict[str, float | str]:
+    """`fid_means` of an evaluate result already in memory."""
+    mean = data.get("mean", data)
+    out: dict[str, float | str] = {}
+    for key, value in mean.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if key == "fid" or key.startswith("fid_"):
+            out.setdefault("fid", float(value))
+        elif key == "kid" or (key.startswith("kid_") and key.endswith("_mean")):
+            out.setdefault("kid", float(value))
+        elif key == "novelty":
+            out["novelty"] = float(value)
+    if isinstance(data.get("feature_net"), str):
+        out["feature_net"] = data["feature_net"]
+    return out
+
+
+def gain_stats(gain: Mapping[str, float] | None, repeats: Mapping | None, metric: str = "macro_f1") -> dict:
+    """Gain over real-only as mean and sample std over the seeds (one seed: the gain itself, std n/a)."""
+    if repeats and f"gain_{metric}_mean" in repeats:
+        return {"mean": float(repeats[f"gain_{metric}_mean"]), "std": float(repeats[f"gain_{metric}_std"]),
+                "repeats": len(repeats.get("seeds", []))}
+    if gain is None:
+        return {}
+    return {"mean": float(gain[metric]), "std": None, "repeats": 1}
+
+
+def registration_tags(run_tags: Mapping[str, str], processed: str | Path, synthetic: str | Path,
+                      gain: Mapping | None, repeats: Mapping | None, fid_file: str | Path | None,
+                      fid_report: str | Path | None = None,
+                      adapters_dir: str | Path = ADAPTERS_DIR) -> dict[str, str]:
+    """The provenance part of a new version's tags (the metrics part is `registry.version_tags`). The feature
+    net's name is in the evaluate report only; the means are in both."""
+    stats, fid = gain_stats(gain, repeats), {**fid_means(fid_report), **fid_means(fid_file)}
+    fmt = lambda v: "n/a" if v is None else f"{v:+.6f}"  # noqa: E731
+    return {
+        "git_commit": run_tags.get("git_commit", UNKNOWN),
+        "git_dirty": run_tags.get("git_dirty", UNKNOWN),
+        "data_hash": labelled_hash(run_tags, processed),
+        "synthetic_hash": labelled_hash(run_tags, synthetic),
+        "prior_recipe_sha256": prior_recipe_sha256(),
+        "adapter_sha256": json.dumps(adapter_hashes(adapters_dir), sort_keys=True, separators=(",", ":")),
+        "gain_macro_f1_mean": fmt(stats.get("mean")),
+        "gain_macro_f1_std": "n/a" if stats.get("std") is None else f"{stats['std']:.6f}",
+        "gain_repeats": str(stats.get("repeats", 0)),
+        "mean_fid": "n/a" if "fid" not in fid else f"{fid['fid']:.4f}",
+        "mean_kid": "n/a" if "kid" not in fid else f"{fid['kid']:.4f}",
+        "feature_net": str(fid.get("feature_net", "n/a")),
+    }
+
+
+def version_metadata(tags: Mapping[str, str]) -> dict[str, str]:
+    """The ONNX metadata a version's tags give (`unknown` for a version registered before provenance)."""
+    return {key: tags.get(key, UNKNOWN) for key in VERSION_KEYS}
+
+
+# --------------------------------------------------------------------------------------- checking
+@dataclass
+class Check:
+    name: str
+    status: str  # OK | MISMATCH | SKIP (the evidence is not in this workspace, e.g. adapters not pulled)
+    detail: str
+
+
+def _compare(name: str, recorded: str, actual: str | None, where: str) -> Check:
+    if recorded in ("", UNKNOWN):
+        return Check(name, "MISMATCH", "not recorded in the model file")
+    if actual is None:
+        return Check(name, "MISMATCH", f"{where} has no value to compare with {recorded}")
+    if recorded != actual:
+        return Check(name, "MISMATCH", f"file {recorded}, {where} {actual}")
+    return Check(name, "OK", f"{recorded} ({where})")
+
+
+def check_commit(meta: Mapping[str, str], repo: Path) -> Check:
+    commit = meta.get("git_commit", UNKNOWN)
+    if commit in ("", UNKNOWN):
+        return Check("git commit", "MISMATCH", "not recorded in the model file")
+    found = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=repo, capture_output=True,
+                           timeout=10).returncode == 0
+    dirty = " (tree was dirty at training: uncommitted code changes)" if meta.get("git_dirty") == "true" else ""
+    if not found:
+        return Check("git commit", "MISMATCH", f"{commit} is not a commit of the repository at {repo}")
+    return Check("git commit", "OK", f"{commit} exists{dirty}")
+
+
+def check_data(name: str, recorded: str, path: Path, lock: Path) -> Check:
+    """A `dvc-md5:` hash against dvc.lock; a `sha256:` hash against the folder's content, when it is here."""
+    from .tracking import dvc_hash
+
+    kind, _, value = recorded.partition(":")
+    if kind == "dvc-md5":
+        return _compare(name, recorded, f"dvc-md5:{dvc_hash(path, lock)}" if dvc_hash(path, lock) else None,
+                        f"{lock.name} ({path.as_posix()})")
+    if kind == "sha256":
+        if not path.exists():
+            return Check(name, "SKIP", f"{recorded} recorded; {path} is not in this workspace (dvc pull)")
+        return _compare(name, recorded, f"sha256:{sha256_tree(path)}", f"content of {path}")
+    return _compare(name, recorded, None, lock.name)
+
+
+def check_adapters(meta: Mapping[str, str], adapters_dir: Path) -> Check:
+    recorded = meta.get("adapter_sha256", UNKNOWN)
+    if recorded in ("", UNKNOWN):
+        return Check("adapters", "MISMATCH", "not recorded in the model file")
+    here = adapter_hashes(adapters_dir)
+    if not here:
+        return Check("adapters", "SKIP", f"no adapter.json under {adapters_dir} (dvc pull)")
+    theirs = json.loads(recorded)
+    differ = sorted(c for c in set(theirs) | set(here) if theirs.get(c) != here.get(c))
+    if differ:
+        return Check("adapters", "MISMATCH", f"classes {differ} differ from {adapters_dir}/<class>/adapter.json")
+    return Check("adapters", "OK", f"{len(here)} classes match {adapters_dir}/<class>/adapter.json")
+
+
+def check_registry(meta: Mapping[str, str], onnx_path: Path, atol: float = 1e-3, rtol: float = 1e-3) -> list[Check]:
+    """The MLflow version: same run, same weights (state_dict hash), and the ONNX graph computes the same
+    logits as the registered torch model on a fixed seeded input (a copied metadata block cannot pass)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from . import registry
+    from .export import onnx_logits, session, weights_sha256
+
+    name, version = meta.get("model_name", UNKNOWN), meta.get("model_version", UNKNOWN)
+    label = f"{name} v{version}"
+    try:
+        mv = registry.client().get_model_version(name, version)
+        model = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu").eval()
+    except MlflowException as err:
+        return [Check("mlflow version", "MISMATCH", f"{label} not found in the registry: {err.message[:200]}")]
+    checks = [_compare("mlflow run id", meta.get("mlflow_run_id", UNKNOWN), mv.run_id, f"registry {label}"),
+              _compare("weights", meta.get("weights_sha256", UNKNOWN), weights_sha256(model), f"registry {label}")]
+    if meta.get("quantized") == "true":
+        checks.append(Check("logits", "SKIP", "int8 model: its logits differ from fp32 by design"))
+        return checks
+    checks.append(_logits_check(model, onnx_path, onnx_logits, session, atol, rtol, label))
+    return checks
+
+
+def _logits_check(model: nn.Module, onnx_path: Path, onnx_logits, session, atol: float, rtol: float,
+                  label: str) -> Check:
+    from .classifier import predict_logits
+
+    sess = session(onnx_path)
+    x = np.random.default_rng(0).normal(size=(4, *sess.get_inputs()[0].shape[1:])).astype(np.float32)
+    expected, got = predict_logits(model, x), onnx_logits(sess, x)
+    diff = float(np.abs(expected - got).max())
+    if not np.allclose(got, expected, atol=atol, rtol=rtol):
+        return Check("logits", "MISMATCH", f"ONNX vs registry {label} on a fixed input: max |diff| {diff:.3g}")
+    return Check("logits", "OK", f"ONNX = registry {label} on a fixed input (max |diff| {diff:.2g})")
+
+
+def read_metadata(onnx_path: Path) -> dict[str, str]:
+    import onnx
+
+    try:
+        proto = onnx.load_model(str(onnx_path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - onnx raises DecodeError, OSError, ...: all mean "not a model"
+        raise click.ClickException(f"{onnx_path}: not a readable ONNX model ({err})") from None
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def run_checks(onnx_path: Path, repo: Path, processed: Path, synthetic: Path, adapters_dir: Path,
+               lock: Path, registry_check: bool = True) -> list[Check]:
+    meta = read_metadata(onnx_path)
+    checks = [check_commit(meta, repo),
+              check_data("data_hash", meta.get("data_hash", UNKNOWN), processed, lock),
+              check_data("synthetic_hash", meta.get("synthetic_hash", UNKNOWN), synthetic, lock),
+              _compare("prior recipe", meta.get("prior_recipe_sha256", UNKNOWN), prior_recipe_sha256(),
+                       "embedded prior recipe.json"),
+              check_adapters(meta, adapters_dir)]
+    if registry_check:
+        checks += check_registry(meta, onnx_path)
+    return checks
+
+
+@click.command("provenance")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
+@click.option("--synthetic", default="data/synthetic", show_default=True, type=click.Path(path_type=Path))
+@click.option("--adapters", default=str(ADAPTERS_DIR), show_default=True, type=click.Path(path_type=Path))
+@click.option("--lock", default="dvc.lock", show_default=True, type=click.Path(path_type=Path))
+@click.option("--no-registry", is_flag=True, help="Skip the MLflow checks (no store reachable).")
+def provenance_command(model: Path, processed: Path, synthetic: Path, adapters: Path, lock: Path,
+                       no_registry: bool) -> None:
+    """Check MODEL.onnx against this repository: commit, DVC hashes, prior, adapters, MLflow weights.
+
+    Prints each check as OK / MISMATCH (SKIP: the evidence is not in this workspace); exit 1 on any mismatch.
+    """
+    from .tracking import use_store
+
+    if not no_registry:
+        use_store()
+    checks = run_checks(model, Path("."), processed, synthetic, adapters, lock, registry_check=not no_registry)
+    for c in checks:
+        click.echo(f"{c.status:<9} {c.name:<15} {c.detail}")
+    bad = [c.name for c in checks if c.status == "MISMATCH"]
+    if bad:
+        click.echo(f"provenance: {len(bad)} mismatch(es): {', '.join(bad)}", err=True)
+        raise SystemExit(1)
+    click.echo(f"provenance: {model} matches this repository")
