@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 from stablesdg.config import parse_params
@@ -25,15 +26,24 @@ def main() -> None:
     parser.add_argument("--feature-net", default="surface")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fid_sanity.json"))
     args = parser.parse_args()
-    scorer = load_scorer(parse_params({"metrics": {"feature_net": args.feature_net}}), use_cache=False)
+    with tempfile.TemporaryDirectory() as cache:  # the clean halves are featurised once, not once per level
+        params = parse_params({"metrics": {"feature_net": args.feature_net, "cache_dir": cache}})
+        result = run(load_scorer(params), args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+
+
+def run(scorer, args: argparse.Namespace) -> dict:
     first, second = [], []
     for cls in class_names_in(args.processed):
         held = [p for s in ("val", "pool", "test") for p in split_paths(args.processed, cls, s)][:2 * args.per_class]
         first += held[0::2]
         second += held[1::2]
-    result = {"processed": str(args.processed), **sanity_curves(scorer, first, second)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return {"processed": str(args.processed), **sanity_curves(scorer, first, second)}
+
+
+def print_table(result: dict) -> None:
     fid = result["metric"]
     print(f"{fid}: real vs real ({result['n_real']} vs {result['n_other']} images) = {result['real_vs_real']:.3f}")
     print("| degradation | level: FID, ... | monotone |\n|---|---|---|")

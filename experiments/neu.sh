@@ -42,8 +42,11 @@ for k in ${@:-10 30}; do
   echo "== NEU-CLS k=$k: generation ablation ($ABLATION_IMAGES images per class)" >&2
   stablesdg ablation --images "$ABLATION_IMAGES" --out "$out"
   if [ ! -f reports/neu/prior/vae_reconstruction.json ]; then
-    echo "== NEU-CLS: VAE reconstruction and FID sanity" >&2
+    echo "== NEU-CLS: VAE reconstruction" >&2
     stablesdg prior reconstruct --images data/processed/images --limit 300 --out reports/neu/prior
+  fi
+  if [ ! -f reports/neu/fid_sanity.json ]; then
+    echo "== NEU-CLS: FID sanity curves" >&2
     python benchmarks/fid_sanity.py --processed data/processed --out reports/neu/fid_sanity.json
   fi
 done

@@ -443,7 +443,11 @@ def reconstruct_command(images: Path, folder: Path, limit: int, out: Path) -> No
     paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in CORPUS_EXTENSIONS)
     if not paths:
         raise click.ClickException(f"{images}: no images found")
-    paths = paths[::max(1, len(paths) // limit)][:limit]
+    by_class: dict[str, list[Path]] = {}
+    for p in paths:
+        by_class.setdefault(p.parent.name if p.parent != images else "all", []).append(p)
+    per_class = max(1, limit // len(by_class))  # spread evenly over the classes (sub-folders)
+    paths = [p for members in by_class.values() for p in members[::max(1, len(members) // per_class)][:per_class]]
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
     resolution = json.loads((folder / "recipe.json").read_text())["recipe"]["resolution"]
     groups: dict[str, list[int]] = {}
