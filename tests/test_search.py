@@ -60,7 +60,8 @@ def test_search_writes_every_trial_the_best_and_the_plot(world, mlflow_store, tm
     assert all(math.isfinite(t["fid_surface"]) and "seconds" not in t for t in trials)  # timings: MLflow only
     assert all(t["fid_surface_std"] > 0 for t in trials), "each trial reports its FID noise"
     copy = next(t for t in trials if t["strength"] == 0.05)
-    assert copy["novelty"] < 0.01 and summary["rejected_as_copies"] >= 1, "the train images themselves"
+    # the train images themselves (only resized to the model's 32 px and back): a near-copy, below the gate
+    assert copy["novelty"] < summary["min_novelty"] and summary["rejected_as_copies"] >= 1, copy
     novel = [t for t in trials if t["novelty"] >= 0.5]
     best = min(novel, key=lambda t: t["fid_surface"]) if novel else max(trials, key=lambda t: t["novelty"])
     assert summary["best"]["strength"] != 0.05, "a copy of the train images must never win"
