@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NEU=${NEU:-../shared/datasets/NEU-CLS}
 SEEDS=${SEEDS:-5}
-ABLATION_IMAGES=${ABLATION_IMAGES:-32}
+ABLATION_IMAGES=${ABLATION_IMAGES:-24}
 WEIGHTS=models/pretrained/resnet18_surface.safetensors
 if [ ! -d "$NEU" ]; then
   echo "NEU-CLS not found at $NEU: put the 1800 NEU-CLS images there or set NEU=/path/to/NEU-CLS" >&2
@@ -23,7 +23,11 @@ while IFS= read -r line; do
   case "$line" in ''|'#'*) continue ;; esac
   overrides+=(-S "$line")
 done < experiments/neu.params
-restore() { git checkout -q -- params.yaml dvc.lock && dvc checkout -q >/dev/null 2>&1 || true; }
+# Back to the committed default: params, lock, the uncached metrics/reports (reports/neu/ is kept) and, from the
+# DVC cache, the default run's data and models.
+restore() {
+  git checkout -q -- params.yaml dvc.lock metrics reports && dvc checkout -q >/dev/null 2>&1 || true
+}
 trap restore EXIT
 
 for k in ${@:-10 30}; do
