@@ -13,9 +13,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .data import IMAGE_EXTENSIONS
 from .utils import sha256_file
-
-CORPUS_EXTENSIONS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
 
 
 class CorpusError(ValueError):
@@ -35,9 +34,9 @@ class FolderCorpus:
         self.root, self.resolution, self.min_scale = Path(root), resolution, min_scale
         self.name = self.root.name
         self.paths = sorted(p for p in self.root.rglob("*")
-                            if p.is_file() and p.suffix.lower() in CORPUS_EXTENSIONS)
+                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.paths:
-            raise CorpusError(f"{root}: no images found (searched recursively for {sorted(CORPUS_EXTENSIONS)})")
+            raise CorpusError(f"{root}: no images found (searched recursively for {sorted(IMAGE_EXTENSIONS)})")
         self.sources = sorted({self._source(p) for p in self.paths})
         self.images: list[np.ndarray] = []
         self.labels: list[int] = []

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
-from .corpus import FolderCorpus
+from .corpus import CorpusError, FolderCorpus
 from .utils import derive_seed, sha256_file, write_json
 
 CORPUS_VERSION = "textures-v1"
@@ -413,7 +413,10 @@ def pretrain_command(corpus: Path | None, out: Path, vae_steps: int, unet_steps:
 
     recipe = PriorRecipe(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, batch_size=batch_size,
                          resolution=resolution, device=pick_device(device))
-    record = pretrain(recipe, out, corpus)
+    try:
+        record = pretrain(recipe, out, corpus)
+    except CorpusError as err:  # the same one-line error as `stablesdg pretrain backbone|feature-net`
+        raise click.ClickException(str(err)) from None
     click.echo(f"prior: {record['size_mb']} MB in {record['seconds']} s on {record['device_name']} -> {out}")
 
 
@@ -437,10 +440,10 @@ def reconstruct_command(images: Path, folder: Path, limit: int, out: Path) -> No
     """VAE reconstruction PSNR/SSIM on real images at the prior's resolution, per class, with a grid."""
     from diffusers import AutoencoderKL
 
-    from .corpus import CORPUS_EXTENSIONS
+    from .data import IMAGE_EXTENSIONS
     from .viz import image_grid
 
-    paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in CORPUS_EXTENSIONS)
+    paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise click.ClickException(f"{images}: no images found")
     by_class: dict[str, list[Path]] = {}
