@@ -374,8 +374,12 @@ def fid_kid(real: Sequence[ImageLike], fake: Sequence[ImageLike], extractor: Ext
     """FID and KID (mean, std) of `fake` against `real`, keyed by the extractor's metric names."""
     r = featurize(extractor, real, cache, "real features")
     f = featurize(extractor, fake, cache, "synthetic features")
+    return scores_from_features(r, f, extractor.keys, kid_subset_size, kid_subsets, seed)
+
+
+def scores_from_features(r: np.ndarray, f: np.ndarray, keys: dict[str, str], kid_subset_size: int = 50,
+                         kid_subsets: int = 50, seed: int = 0) -> dict[str, float]:
     kid_mean, kid_std = kid_from_features(r, f, kid_subset_size, kid_subsets, seed)
-    keys = extractor.keys
     return {keys["fid"]: fid_from_features(r, f), keys["kid_mean"]: kid_mean, keys["kid_std"]: kid_std}
 
 
@@ -398,6 +402,12 @@ class Scorer:
         m = self.params.metrics
         return fid_kid(real, fake, self.extractor, self.cache, m.kid_subset_size, m.kid_subsets,
                        derive_seed(self.params.seed, "kid") % 2**32)
+
+    def score_features(self, real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
+        """`score` on features already extracted (the search reuses them for noise and novelty)."""
+        m = self.params.metrics
+        return scores_from_features(real, fake, self.keys, m.kid_subset_size, m.kid_subsets,
+                                    derive_seed(self.params.seed, "kid") % 2**32)
 
 
 # --------------------------------------------------------------------------------------- noise, novelty

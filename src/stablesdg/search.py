@@ -95,8 +95,8 @@ class SearchRun:
         start = time.perf_counter()
         images = render(self.pipe, self.params, self.cls, cycled(self.sources, n), trial.strength,
                         trial.guidance_scale, trial.steps, seeds_for(self.params, self.cls, "search", n))
-        scores = self.scorer.score(self.real, images)
         real, fake = self.scorer.features(self.real, "real features"), self.scorer.features(images)
+        scores = self.scorer.score_features(real, fake)
         seed = derive_seed(self.params.seed, self.cls, "bootstrap") % 2**32
         fid_std = fid_bootstrap_std(real, fake, cfg.bootstrap, seed)
         new = novelty(fake, real, self.scorer.features(self.sources, "train features"))
