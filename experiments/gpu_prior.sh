@@ -41,9 +41,11 @@ pretrain() {  # name, then recipe options
     > "$OUT/log_$name.txt" 2>&1
   echo "exit $?" >> "$OUT/log_$name.txt"
 }
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 20 > "$OUT/gpu_util.csv" 2>/dev/null &
 pretrain base --vae-batch-size 64 --vae-crop 64 --vae-lr 1e-3 --ssim-weight 0.5 --batch-size 256 --unet-lr 5e-4 &
 pretrain sharp --vae-batch-size 32 --vae-crop 128 --vae-lr 5e-4 --ssim-weight 1.0 --batch-size 128 --unet-lr 1e-3 &
-wait
+wait %2 %3
+kill %1 2>/dev/null
 for name in base sharp; do
   tail -c 600 "$OUT/log_$name.txt"
   [ -f "$STAGE/prior_$name/recipe.json" ] && tar cf - -C "$STAGE" "prior_$name" | split -b 15M - "$OUT/prior_$name.tar.part-"
