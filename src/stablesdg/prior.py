@@ -421,7 +421,9 @@ def pretrain(recipe: PriorRecipe, out_dir: Path, corpus_dir: Path | None = None,
     log = log or (lambda *_: None)
     started = time.time()
     corpus = open_corpus(recipe, corpus_dir)
-    recipe.corpus = corpus.name
+    packing_file = corpus_dir / PACKING_FILE if corpus_dir else None
+    packing = json.loads(packing_file.read_text()) if packing_file and packing_file.is_file() else None
+    recipe.corpus = packing["source"] if packing else corpus.name  # a packed copy is named after its source
     recipe.corpus_manifest_sha256 = corpus.manifest_sha256()
     recipe.corpus_images = len(getattr(corpus, "images", ()))
     pipe = build_prior(recipe).to(recipe.device)
@@ -435,14 +437,13 @@ def pretrain(recipe: PriorRecipe, out_dir: Path, corpus_dir: Path | None = None,
     pipe.to("cpu").save_pretrained(out_dir)
     files = {p.relative_to(out_dir).as_posix(): sha256_file(p) for p in sorted(out_dir.rglob("*"))
              if p.is_file() and p.name != "recipe.json"}
-    packing = corpus_dir / PACKING_FILE if corpus_dir else None
     record = {
         "recipe": asdict(recipe), "device": recipe.device.split(":")[0],
         "device_name": torch.cuda.get_device_name() if recipe.device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(), "steps": {"vae": recipe.vae_steps, "unet": recipe.unet_steps},
         "seconds": round(time.time() - started, 1), "seconds_vae": round(vae_done - started, 1),
         "latent_bank": len(latents), "skipped_images": getattr(corpus, "skipped", []),
-        "corpus_packing": json.loads(packing.read_text()) if packing and packing.is_file() else None,
+        "corpus_packing": packing,
         "torch": torch.__version__, "files": files,
         "size_mb": round(sum((out_dir / f).stat().st_size for f in files) / 2**20, 2),
     }
