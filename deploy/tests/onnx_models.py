@@ -80,3 +80,39 @@ def build_model(recipe: ModelRecipe) -> onnx.ModelProto:
 def write_model(recipe: ModelRecipe, path: Path) -> Path:
     path.write_bytes(build_model(recipe).SerializeToString())
     return path
+
+
+CONV_RGB = ModelRecipe(("red_defect", "green_defect", "blue_defect"), np.zeros((3, 8), np.float32), "RGB", 3,
+                       size=(32, 32))
+
+
+def build_conv_model(recipe: ModelRecipe = CONV_RGB, seed: int = 0) -> onnx.ModelProto:
+    """Conv(3->8) -> Relu -> Conv(8->8, stride 2) -> Relu -> GlobalAveragePool -> Gemm, seeded random weights:
+    a graph whose batched and per-image runs take onnxruntime's real convolution kernels."""
+    rng = np.random.default_rng(seed)
+    num_classes, (height, width) = len(recipe.class_names), recipe.size
+    init = {"W1": rng.normal(0, 0.5, (8, 3, 3, 3)), "B1": rng.normal(0, 0.1, 8),
+            "W2": rng.normal(0, 0.3, (8, 8, 3, 3)), "B2": rng.normal(0, 0.1, 8),
+            "W3": rng.normal(0, 1.0, (num_classes, 8)), "B3": np.zeros(num_classes)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+         helper.make_node("Relu", ["c2"], ["r2"]),
+         helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+         helper.make_node("Gemm", ["features", "W3", "B3"], ["logits"], transB=1)],
+        "tiny_conv_classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, height, width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes])],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in init.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=9)
+    helper.set_model_props(model, recipe.metadata())
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_conv_model(path: Path, seed: int = 0) -> Path:
+    path.write_bytes(build_conv_model(seed=seed).SerializeToString())
+    return path

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from .batching import DEFAULT_MAX_BATCH, MicroBatcher
 from .contract import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -29,12 +30,29 @@ class ModelIntegrityError(RuntimeError):
     """The model file's sha256 differs from the pinned one: refuse to run an unexpected or tampered model."""
 
 
+GRAPH_OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
+    """onnxruntime session settings; what each bought on a 2-core PC: benchmarks/bench_limit.py (issue 15)."""
+
     expected_sha256: str | None = None
     threads: int = 1  # intra-op threads; 1 keeps a line PC responsive, raise it on a dedicated box
     warmup_runs: int = 1
     max_pixels: int = DEFAULT_MAX_PIXELS
+    graph_optimization: str = "all"  # disable | basic | extended | all (layout + fusions: the fast one)
+    memory_arena: bool = True  # onnxruntime's CPU arena: reuses activation buffers between runs
+
+    def __post_init__(self) -> None:
+        if self.graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
+            raise ValueError(f"graph_optimization must be one of {sorted(GRAPH_OPTIMIZATION_LEVELS)}, "
+                             f"got {self.graph_optimization!r}")
 
 
 @dataclass(frozen=True)
@@ -126,12 +144,15 @@ class Classifier:
         self.spec = parse_preprocess_spec(self.metadata)
         _check_io(self.session, self.spec)
         self.model_version = descriptive_metadata(self.metadata)["model_version"]
+        self._batcher: MicroBatcher | None = None
         self._warm_up()
 
     def _open_session(self, model_bytes: bytes) -> ort.InferenceSession:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, self.options.threads)
         opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = GRAPH_OPTIMIZATION_LEVELS[self.options.graph_optimization]
+        opts.enable_cpu_mem_arena = self.options.memory_arena
         try:
             return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for unparsable/unsupported graphs
@@ -165,6 +186,18 @@ class Classifier:
     def run_batch(self, x: np.ndarray) -> np.ndarray:
         """Raw logits [N, num_classes] for a preprocessed float32 [N, C, H, W] batch."""
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+    def enable_batching(self, max_batch: int = DEFAULT_MAX_BATCH, max_wait_s: float = 0.0) -> MicroBatcher:
+        """From now on, concurrent `classify` calls share onnxruntime runs (see batching.MicroBatcher)."""
+        if self._batcher is None:
+            self._batcher = MicroBatcher(self.run_batch, max_batch, max_wait_s)
+        return self._batcher
+
+    def close(self) -> None:
+        """Stop the batching thread, if any (the session itself is freed with the object)."""
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
 
     def classify(self, inputs: Sequence[Image.Image | ImageSource],
                  names: Sequence[str] | None = None) -> list[Prediction]:
@@ -201,7 +234,9 @@ class Classifier:
         share_ms = 0.0
         if valid:
             start = time.perf_counter()
-            batch_probs = softmax(self.run_batch(stack_batch([item.tensor for item in valid])))
+            batch = stack_batch([item.tensor for item in valid])
+            batcher = self._batcher
+            batch_probs = softmax(batcher.run(batch) if batcher is not None else self.run_batch(batch))
             share_ms = _ms_since(start) / len(valid)
             probs = {id(item): p for item, p in zip(valid, batch_probs, strict=True)}
         return [self._prediction(item, probs.get(id(item)), share_ms) for item in items]

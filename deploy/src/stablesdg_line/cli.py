@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from . import __version__
-from .classifier import Classifier, ModelIntegrityError, Prediction, RuntimeOptions
+from .classifier import GRAPH_OPTIMIZATION_LEVELS, Classifier, ModelIntegrityError, Prediction, RuntimeOptions
 from .contract import ModelContractError
 from .images import DEFAULT_MAX_PIXELS
 from .watch import IMAGE_EXTENSIONS, DropFolderWatcher, WatchConfig, WatchError
@@ -26,6 +26,7 @@ DEFAULT_MAX_REQUEST_PIXELS = 64_000_000
 DEFAULT_MAX_CONCURRENT = 2
 DEFAULT_MAX_WAITING = 16
 DEFAULT_QUEUE_TIMEOUT_S = 10.0
+DEFAULT_MAX_BATCH = 32  # batching.DEFAULT_MAX_BATCH
 
 TOKEN_ENV = "STABLESDG_LINE_TOKEN"
 CSV_COLUMNS = ("file", "class", "confidence", "scores", "latency_ms", "model_version", "error")
@@ -42,6 +43,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-runs", type=int, default=1, help="dummy inferences at load (default 1)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"reject images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--graph-optimization", choices=sorted(GRAPH_OPTIMIZATION_LEVELS), default="all",
+                        help="onnxruntime graph optimisation level (default all)")
+    parser.add_argument("--memory-arena", action=argparse.BooleanOptionalAction, default=True,
+                        help="onnxruntime CPU memory arena (default on)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -86,6 +91,12 @@ def _build_parser() -> argparse.ArgumentParser:
                        help=f"requests queued for a slot before 503 (default {DEFAULT_MAX_WAITING})")
     serve.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT_S,
                        help=f"seconds to wait for a slot before 503 (default {DEFAULT_QUEUE_TIMEOUT_S:g})")
+    serve.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                       help="images of concurrent requests run as one batch, at most this many "
+                            f"(default {DEFAULT_MAX_BATCH}; 1: every request runs alone)")
+    serve.add_argument("--batch-wait-ms", type=float, default=0.0,
+                       help="wait this long for more requests to batch with (default 0: batch only the "
+                            "requests that queued while the previous batch ran)")
 
     info = commands.add_parser("info", help="print the model's identity, provenance and evidence")
     _add_model_options(info)
@@ -95,7 +106,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _load_classifier(args: argparse.Namespace) -> Classifier:
     options = RuntimeOptions(expected_sha256=args.expected_sha256, threads=args.threads,
-                             warmup_runs=args.warmup_runs, max_pixels=args.max_pixels)
+                             warmup_runs=args.warmup_runs, max_pixels=args.max_pixels,
+                             graph_optimization=args.graph_optimization, memory_arena=args.memory_arena)
     return Classifier(args.model, options)
 
 
@@ -185,7 +197,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(token=token, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                          max_files=args.max_files, max_request_pixels=args.max_request_pixels,
                          max_concurrent=args.max_concurrent, max_waiting=args.max_waiting,
-                         queue_timeout_s=args.queue_timeout)
+                         queue_timeout_s=args.queue_timeout, max_batch=args.max_batch,
+                         batch_wait_s=args.batch_wait_ms / 1000.0)
     app = create_app(_load_classifier(args), config)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False)
     return 0

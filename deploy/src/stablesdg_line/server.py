@@ -22,6 +22,7 @@ from typing import Annotated
 from fastapi import FastAPI, File, UploadFile
 from fastapi.responses import JSONResponse
 
+from .batching import DEFAULT_MAX_BATCH
 from .classifier import Classifier
 from .images import ImageRejected, probe
 
@@ -48,6 +49,8 @@ class ServeConfig:
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
     max_waiting: int = DEFAULT_MAX_WAITING
     queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
+    max_batch: int = DEFAULT_MAX_BATCH  # images of concurrent requests share one run, at most this many
+    batch_wait_s: float = 0.0  # > 0: wait this long for more requests to batch with
 
 
 class Busy(RuntimeError):
@@ -205,6 +208,8 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
     app = FastAPI(title="StableSDG line classifier", version=classifier.model_version,
                   docs_url=None, redoc_url=None, openapi_url=None)  # no schema browsing on a line PC
     app.state.limiter = limiter
+    if config.max_batch > 1:
+        app.state.batcher = classifier.enable_batching(config.max_batch, config.batch_wait_s)
 
     @app.get("/health")
     def health() -> dict:
