@@ -29,8 +29,12 @@ def conv_model(tmp_path_factory):
 
 def noisy_images(n: int) -> list[bytes]:
     rng = np.random.default_rng(3)
-    return [image_bytes(tuple(int(v) for v in rng.integers(0, 255, 3)), size=(40, 30)) if i % 2 else
-            noisy_bytes("PNG", size=(48 + i, 40)) for i, _ in enumerate(range(n))]
+    return [
+        image_bytes(tuple(int(v) for v in rng.integers(0, 255, 3)), size=(40, 30))
+        if i % 2
+        else noisy_bytes("PNG", size=(48 + i, 40))
+        for i, _ in enumerate(range(n))
+    ]
 
 
 def test_batched_scores_equal_per_image_scores(conv_model):
@@ -58,8 +62,10 @@ def test_micro_batcher_coalesces_concurrent_calls_and_keeps_each_callers_rows(co
 
     results: dict[int, np.ndarray] = {}
     with MicroBatcher(gated_run, max_batch=32) as batcher:
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher.run(inputs[i])))
-                   for i in range(len(inputs))]
+        threads = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, batcher.run(inputs[i])))
+            for i in range(len(inputs))
+        ]
         threads[0].start()
         while not calls:
             time.sleep(0.001)
@@ -94,7 +100,10 @@ def test_micro_batcher_respects_max_batch_and_order(conv_model):
         first.start()
         while not calls:
             time.sleep(0.001)
-        rest = [threading.Thread(target=lambda i=i: out.__setitem__(i, batcher.run(inputs[i]))) for i in range(1, 5)]
+        rest = [
+            threading.Thread(target=lambda i=i: out.__setitem__(i, batcher.run(inputs[i])))
+            for i in range(1, 5)
+        ]
         for t in rest:
             t.start()
         while batcher._queue.qsize() < 4:
@@ -137,6 +146,7 @@ def test_serve_batches_concurrent_requests_with_the_same_answers(conv_model):
     app = create_app(classifier, ServeConfig(max_concurrent=4, max_batch=16))
     results: dict[str, dict] = {}
     with TestClient(app) as client:
+
         def post(i: int, data: bytes) -> None:
             reply = client.post("/classify", files=[("files", (f"{i}.png", data, "image/png"))])
             assert reply.status_code == 200
@@ -151,7 +161,9 @@ def test_serve_batches_concurrent_requests_with_the_same_answers(conv_model):
     assert stats.images == 8 and 1 <= stats.runs <= 8
     for name, row in results.items():
         assert row["class"] == reference[name].label
-        np.testing.assert_allclose(list(row["scores"].values()), list(reference[name].scores.values()), atol=ATOL)
+        np.testing.assert_allclose(
+            list(row["scores"].values()), list(reference[name].scores.values()), atol=ATOL
+        )
     classifier.close()
 
 
@@ -173,7 +185,9 @@ def test_watch_runs_files_that_arrive_together_as_one_batch(conv_model, dirs):
         return original(x)
 
     classifier.run_batch = counted
-    config = WatchConfig(drop_dir=drop, results=results, rejected_dir=rejected, settle_seconds=0.0, batch_size=4)
+    config = WatchConfig(
+        drop_dir=drop, results=results, rejected_dir=rejected, settle_seconds=0.0, batch_size=4
+    )
     with DropFolderWatcher(classifier, config) as watcher:
         watcher.poll()
         summary = watcher.poll()
@@ -181,19 +195,27 @@ def test_watch_runs_files_that_arrive_together_as_one_batch(conv_model, dirs):
     assert sizes == [4, 1]  # two runs for five files with batch_size 4
 
 
-@pytest.mark.parametrize(("level", "arena"), [("disable", False), ("basic", True), ("extended", False),
-                                              ("all", True)])
+@pytest.mark.parametrize(
+    ("level", "arena"), [("disable", False), ("basic", True), ("extended", False), ("all", True)]
+)
 def test_session_options_reach_onnxruntime(conv_model, level, arena):
     import onnxruntime as ort
 
-    classifier = Classifier(conv_model, RuntimeOptions(threads=2, graph_optimization=level, memory_arena=arena))
+    classifier = Classifier(
+        conv_model, RuntimeOptions(threads=2, graph_optimization=level, memory_arena=arena)
+    )
     opts = classifier.session.get_session_options()
     assert opts.intra_op_num_threads == 2
     assert opts.enable_cpu_mem_arena is arena
-    assert opts.graph_optimization_level == {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    assert (
+        opts.graph_optimization_level
+        == {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[level]
+    )
 
 
 def test_every_optimisation_level_gives_the_same_logits(conv_model):
@@ -201,7 +223,9 @@ def test_every_optimisation_level_gives_the_same_logits(conv_model):
     reference = Classifier(conv_model, RuntimeOptions(graph_optimization="disable")).run_batch(x)
     for level in ("basic", "extended", "all"):
         for arena in (True, False):
-            got = Classifier(conv_model, RuntimeOptions(graph_optimization=level, memory_arena=arena)).run_batch(x)
+            got = Classifier(
+                conv_model, RuntimeOptions(graph_optimization=level, memory_arena=arena)
+            ).run_batch(x)
             np.testing.assert_allclose(got, reference, atol=ATOL)
 
 
@@ -211,8 +235,9 @@ def test_unknown_optimisation_level_is_refused():
 
 
 def test_cli_session_options(conv_model):
-    args = _build_parser().parse_args(["info", str(conv_model), "--graph-optimization", "basic",
-                                       "--no-memory-arena", "--threads", "2"])
+    args = _build_parser().parse_args(
+        ["info", str(conv_model), "--graph-optimization", "basic", "--no-memory-arena", "--threads", "2"]
+    )
     options = _load_classifier(args).options
     assert (options.graph_optimization, options.memory_arena, options.threads) == ("basic", False, 2)
     defaults = _load_classifier(_build_parser().parse_args(["info", str(conv_model)])).options

@@ -36,7 +36,8 @@ from .utils import (
     write_json,
 )
 
-BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
+BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+             "regnet_x_400mf", "shufflenet_v2_x1_0")
 VARIANTS = ("real_only", "real_plus_synthetic")
 GAIN_METRICS = ("accuracy", "macro_f1")
 SUMMARY_FILE = "summary.json"  # the full train report in --reports; metrics/train.json holds train_metrics()

@@ -165,7 +165,7 @@ class MetricsConfig:
 class ClassifierConfig:
     backbone: str = choice(
         "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-        default="resnet18",
+        "regnet_x_400mf", "shufflenet_v2_x1_0", default="resnet18",
     )
     pretrained: bool = False
     weights_path: str | None = None
@@ -194,6 +194,13 @@ class ExportConfig:
     quantize: bool = True
     max_accuracy_drop: float = bounded(0.5, 0.0, 100.0)
     calibration_images: int = bounded(60, 1, 100_000)
+    # int8 calibration (issue 15, stablesdg.quantize; benchmarks/bench_line_model.py compares them on NEU-CLS):
+    calibration_sources: str = choice("train", "train+synthetic", default="train")  # + data/synthetic images
+    calibration_sampling: str = choice("random", "stratified", default="random")  # stratified: equal per class
+    calibration_method: str = choice("minmax", "entropy", "percentile", default="minmax")
+    calibration_percentile: float = bounded(99.999, 50.0, 100.0)  # calibration_method: percentile
+    calibration_per_channel: bool = True  # per-channel weight scales (false: one scale per tensor)
+    fp32_nodes: list[str] = _list([])  # left in fp32: first_conv, last_gemm or node names
     parity_atol: float = bounded(1e-4, 0.0, 1.0)
     parity_rtol: float = bounded(1e-5, 0.0, 1.0)
 

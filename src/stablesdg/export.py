@@ -24,10 +24,11 @@ import click
 import numpy as np
 
 from . import __version__
-from .config import Params
+from .config import ExportConfig, Params
 from .options import load_or_exit, params_option
 from .preprocess import PreprocessSpec
 from .provenance import PROVENANCE_KEYS, UNKNOWN, version_metadata
+from .quantize import INT8_FORMATS, QuantConfig, quantize_model, stratified_sample
 from .utils import sha256_file, sha256_tree, write_json
 
 if TYPE_CHECKING:
@@ -42,7 +43,6 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"  # deploy/src/stablesdg_line/contrac
 DESCRIPTIVE_KEYS = ("model_name", "model_version", "data_hash", "weights_sha256", "stablesdg_version",
                     "quantized", "opset")
 INT8_FILE, GATE_FILE = "classifier.int8.onnx", "gate.json"
-INT8_FORMATS = ("qdq", "qoperator")
 FIRST_DYNAMO_OPSET = 18  # the dynamo exporter cannot down-convert below 18; TorchScript honours 11-20
 
 
@@ -75,6 +75,7 @@ class Gate:
     accuracy_drop_points: float | None = None
     int8_format: str | None = None
     calibration_images: int = 0
+    calibration: str = ""  # method/granularity/format(+fp32 nodes) on which images (stablesdg.quantize)
 
     @property
     def kept(self) -> bool:
@@ -248,37 +249,53 @@ def calibration_sample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray,
-                  int8_format: str = "qdq") -> Path:
-    """Static int8 (uint8 activations, per-channel int8 weights, MinMax calibration) of an exported model.
-
-    uint8 activations: int8 x int8 has no fast path on x86 (measured 8-10x slower than u8 x s8 here).
+                  int8_format: str = "qdq", config: QuantConfig | None = None) -> Path:
+    """Static int8 (uint8 activations, int8 weights; method, granularity and fp32 nodes from `config`, default
+    MinMax per-channel) of an exported model, with our metadata and the contract checked (stablesdg.quantize).
     """
+    import dataclasses
+
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if int8_format not in INT8_FORMATS:
         raise ValueError(f"int8 format must be one of {INT8_FORMATS}, got {int8_format!r}")
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{INPUT_NAME: calibration[i : i + 8]} for i in range(0, len(calibration), 8)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
+    config = dataclasses.replace(config or QuantConfig(), int8_format=int8_format)
     fp32 = onnx.load_model(str(fp32_path))
     with tempfile.TemporaryDirectory() as tmp:
-        pre, quant = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        quant_pre_process(str(fp32_path), str(pre))  # shape inference + folding: better calibration ranges
-        quantize_static(str(pre), str(quant), Reader(),
-                        quant_format=QuantFormat.QDQ if int8_format == "qdq" else QuantFormat.QOperator,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quant = Path(tmp) / "int8.onnx"
+        quantize_model(fp32_path, quant, calibration, config)
         proto = onnx.load_model(str(quant))
     ours = {p.key: p.value for p in fp32.metadata_props}
-    set_metadata(proto, {**ours, "quantized": "true"})
+    set_metadata(proto, {**ours, "quantized": "true", "int8_calibration": config.label})
     check_onnx(proto, int(ours["opset"]), list(ours))
     return _atomic_save(proto, Path(out_path))
+
+
+def quant_config(cfg: ExportConfig, int8_format: str = "qdq") -> QuantConfig:
+    """The export.* calibration params as a QuantConfig."""
+    return QuantConfig(method=cfg.calibration_method, per_channel=cfg.calibration_per_channel,
+                       int8_format=int8_format, fp32_nodes=tuple(cfg.fp32_nodes),
+                       percentile=cfg.calibration_percentile)
+
+
+def export_calibration(params: Params, processed: Path, synthetic: Path, spec: PreprocessSpec) -> np.ndarray:
+    """`export.calibration_images` images from the real train split (+ data/synthetic when
+    `export.calibration_sources` says so), in a seeded random order or stratified by class."""
+    from .classifier import load_images, synthetic_images
+
+    cfg = params.export
+    train = _split(processed, spec, "train")
+    x, y = train.x.numpy(), train.y.numpy()
+    if cfg.calibration_sources == "train+synthetic":
+        found = [(synthetic_images(synthetic, c), i) for i, c in enumerate(spec.class_names)]
+        paths = [p for ps, _ in found for p in ps]
+        labels = [i for ps, i in found for _ in ps]
+        if paths:
+            extra = load_images(paths, labels, spec, desc="calibration synthetic")
+            x, y = np.concatenate([x, extra.x.numpy()]), np.concatenate([y, extra.y.numpy()])
+    if cfg.calibration_sampling == "stratified":
+        return stratified_sample(x, y, cfg.calibration_images, params.seed)
+    return calibration_sample(x, cfg.calibration_images, params.seed)
 
 
 def int8_gate(fp32_accuracy: float, int8_accuracy: float, max_drop_points: float) -> Gate:
@@ -340,7 +357,7 @@ def _file_info(path: Path) -> dict:
 
 def _quantize_stage(params: Params, fp32_path: Path, quantized_dir: Path, processed: Path, spec: PreprocessSpec,
                     test: ImageSet, fp32_logits: np.ndarray, int8_format: str,
-                    parity: Parity) -> tuple[Gate, dict | None]:
+                    parity: Parity, synthetic: Path = Path("data/synthetic")) -> tuple[Gate, dict | None]:
     """Build `quantized_dir` from scratch: gate.json always, the int8 model only when the gate keeps it."""
     cfg = params.export
     quantized_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -349,13 +366,15 @@ def _quantize_stage(params: Params, fp32_path: Path, quantized_dir: Path, proces
         if not cfg.quantize:
             gate = Gate("skipped", "export.quantize is false", cfg.max_accuracy_drop)
         else:
-            calib = calibration_sample(_split(processed, spec, "train").x.numpy(), cfg.calibration_images,
-                                       params.seed)
-            int8_path = quantize_int8(fp32_path, build / INT8_FILE, calib, int8_format)
+            calib = export_calibration(params, processed, synthetic, spec)
+            int8_path = quantize_int8(fp32_path, build / INT8_FILE, calib, int8_format,
+                                      quant_config(cfg, int8_format))
             int8_logits = onnx_logits(session(int8_path), test.x.numpy())
             y = test.y.numpy()
             gate = int8_gate(accuracy(fp32_logits, y), accuracy(int8_logits, y), cfg.max_accuracy_drop)
             gate.int8_format, gate.calibration_images = int8_format, len(calib)
+            gate.calibration = f"{quant_config(cfg, int8_format).label} on {cfg.calibration_sources} " \
+                               f"({cfg.calibration_sampling})"
             if gate.kept:
                 stamp(int8_path, export_stamp(parity, gate))
             else:
@@ -373,7 +392,8 @@ def _quantize_stage(params: Params, fp32_path: Path, quantized_dir: Path, proces
 
 def export_champion(params: Params, processed: str | Path = "data/processed",
                     out: str | Path = "models/classifier.onnx", quantized_dir: str | Path = "models/quantized",
-                    int8_format: str = "qdq", log_to_mlflow: bool = True) -> dict:
+                    int8_format: str = "qdq", log_to_mlflow: bool = True,
+                    synthetic: str | Path = "data/synthetic") -> dict:
     """The whole stage; returns the export report (`export_metrics` picks the declared metrics from it)."""
     import onnx
 
@@ -395,7 +415,7 @@ def export_champion(params: Params, processed: str | Path = "data/processed",
                              cfg.parity_rtol)
         fp32_logits = onnx_logits(session(staged), test.x.numpy())
         gate, int8_info = _quantize_stage(params, staged, quantized_dir, processed, spec, test, fp32_logits,
-                                          int8_format, parity)
+                                          int8_format, parity, Path(synthetic))
         stamp(staged, export_stamp(parity, gate))
         check_onnx(onnx.load_model(str(staged)), cfg.opset, [*DESCRIPTIVE_KEYS, *PROVENANCE_KEYS])
         os.replace(staged, out)
@@ -464,16 +484,18 @@ def export_metrics(summary: dict) -> dict:
               type=click.Path(dir_okay=False), help="The few figures DVC compares (see export_metrics).")
 @click.option("--report", "report_file", default="reports/export/export.json", show_default=True,
               type=click.Path(dir_okay=False), help="Everything: hashes, provenance, parity, the int8 gate.")
+@click.option("--synthetic", default="data/synthetic", show_default=True, type=click.Path(file_okay=False),
+              help="Synthetic images for int8 calibration when export.calibration_sources is train+synthetic.")
 @click.option("--int8-format", type=click.Choice(INT8_FORMATS), default="qdq", show_default=True,
               help="onnxruntime int8 layout: QDQ measured 1.6x faster than QOperator on resnet18, equal on "
                    "mobilenet_v3_small (benchmarks/bench_inference.py).")
 def export_command(params_path: str, processed: str, out: str, quantized_dir: str, metrics_file: str,
-                   report_file: str, int8_format: str) -> None:
+                   report_file: str, synthetic: str, int8_format: str) -> None:
     """Export the MLflow champion to ONNX (+ gated int8), check parity on the real test set, log it."""
 
     params = load_or_exit(params_path)
     try:
-        summary = export_champion(params, processed, out, quantized_dir, int8_format)
+        summary = export_champion(params, processed, out, quantized_dir, int8_format, synthetic=synthetic)
     except ExportError as err:
         raise click.ClickException(str(err)) from None
     write_json(report_file, summary)
