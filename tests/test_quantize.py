@@ -121,6 +121,13 @@ def test_calibration_method_changes_the_ranges(fp32, calib, tmp_path):
     assert scales["percentile"] < scales["minmax"] / 2  # the 99th percentile ignores the outlier
 
 
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_methods_take_a_set_that_does_not_fill_the_last_batch(fp32, calib, tmp_path, method):
+    out = tmp_path / f"{method}13.onnx"
+    done = q.quantize_model(fp32, out, calib[:13], q.QuantConfig(method=method, batch_size=8))
+    assert done["calibration_images"] == 13 and q.int8_layout(out).get("QuantizeLinear", 0) >= 2
+
+
 def test_calibration_method_reaches_quantize_static(fp32, calib, tmp_path, monkeypatch):
     import onnxruntime.quantization as ortq
 

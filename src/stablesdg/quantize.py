@@ -124,6 +124,10 @@ def quantize_model(fp32_path: str | Path, out_path: str | Path, calibration: np.
     if not len(calibration):
         raise ValueError("no calibration images")
     step = config.batch_size
+    if config.method != "minmax":
+        # onnxruntime's histogram collectors stack every batch's values into one array: batches of unequal size
+        # fail ("inhomogeneous shape"), so use the largest batch size that divides the set evenly.
+        step = max(d for d in range(1, min(step, len(calibration)) + 1) if len(calibration) % d == 0)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
