@@ -16,7 +16,7 @@ SYNTHETIC=${SYNTHETIC:-data/synthetic}
 SEEDS=${SEEDS:-42,43,44}
 EPOCHS=${EPOCHS:-12}
 BACKBONES=${BACKBONES:-resnet18,mobilenet_v3_small,mobilenet_v3_large,efficientnet_b0,shufflenet_v2_x1_0}
-MODELS=${MODELS:-models/line_candidates}
+MODELS=${MODELS:-/tmp/stablesdg-line-candidates}  # 5-45 MB per model: kept out of the repo
 OUT=${OUT:-benchmarks/results}
 python benchmarks/train_line_models.py --processed "$PROCESSED" --synthetic "$SYNTHETIC" --out "$MODELS" \
   --backbones "$BACKBONES" --seeds "$SEEDS" --epochs "$EPOCHS"
