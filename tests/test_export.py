@@ -221,40 +221,6 @@ def test_kept_int8_model_is_tagged_checked_and_runs_on_the_line(shipped):
     assert np.mean(correct) == pytest.approx(gate["int8_accuracy"])
 
 
-def test_cli_calibration_params_reach_the_int8_model(shipped, monkeypatch):
-    """export.calibration_* and fp32_nodes (issue 15): stratified real + synthetic images, Percentile, the first
-    conv in fp32; the gate, the report and the int8 file's metadata say what was done."""
-    from PIL import Image
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{shipped.root / 'mlflow.db'}")
-    monkeypatch.chdir(shipped.root)
-    synthetic = shipped.root / "calib_synthetic"
-    rng = np.random.default_rng(0)
-    for cls in CLASSES:
-        (synthetic / cls).mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (SIZE, SIZE), dtype=np.uint8)).save(synthetic / cls / f"{i}.png")
-    raw = raw_params(max_accuracy_drop=100.0, calibration_images=12, calibration_sources="train+synthetic",
-                     calibration_sampling="stratified", calibration_method="percentile",
-                     fp32_nodes=["first_conv"])
-    (shipped.root / "calib.yaml").write_text(yaml.safe_dump(raw))
-    quantized = shipped.root / "calib" / "quantized"
-    result = CliRunner().invoke(export_command, [
-        "--params", "calib.yaml", "--processed", str(shipped.processed), "--synthetic", str(synthetic),
-        "--out", "calib/classifier.onnx", "--quantized-dir", str(quantized), "--metrics", "calib/metrics.json",
-        "--report", "calib/export.json"])
-    assert result.exit_code == 0, result.output
-    gate = json.loads((quantized / GATE_FILE).read_text())
-    assert gate["calibration_images"] == 12  # 9 train + 15 synthetic available, 4 per class taken
-    assert gate["calibration"] == "percentile(99.999)/pc/qdq+fp32(first_conv) on train+synthetic (stratified)"
-    int8 = onnx.load(str(quantized / INT8_FILE))
-    meta = {p.key: p.value for p in int8.metadata_props}
-    assert meta["int8_calibration"] == "percentile(99.999)/pc/qdq+fp32(first_conv)"
-    first_conv = next(n for n in int8.graph.node if n.op_type == "Conv")
-    assert first_conv.input[0] == "input"  # no QuantizeLinear/DequantizeLinear in front of the first conv
-    assert sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) > 0
-
-
 def test_mlflow_records_the_export_on_the_champion_version(shipped):
     name = shipped.params.tracking.registered_model
     mv = client().get_model_version(name, "1")  # the fixture's store is still the active one
@@ -404,3 +370,38 @@ def test_provenance_check_names_each_mismatch(traced, tmp_path):
     onnx.save(proto, str(tmp_path / "relabelled.onnx"))
     code, rows = _provenance([str(tmp_path / "relabelled.onnx")])
     assert code == 1 and rows["git commit"] == rows["weights"] == "MISMATCH"
+
+
+def test_cli_calibration_params_reach_the_int8_model(shipped, monkeypatch):
+    """export.calibration_* and fp32_nodes (issue 15): stratified real + synthetic images, Percentile, the first
+    conv in fp32; the gate, the report and the int8 file's metadata say what was done. Last in the file: it
+    re-exports the champion, which re-tags the registry version the earlier tests read."""
+    from PIL import Image
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{shipped.root / 'mlflow.db'}")
+    monkeypatch.chdir(shipped.root)
+    synthetic = shipped.root / "calib_synthetic"
+    rng = np.random.default_rng(0)
+    for cls in CLASSES:
+        (synthetic / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (SIZE, SIZE), dtype=np.uint8)).save(synthetic / cls / f"{i}.png")
+    raw = raw_params(max_accuracy_drop=100.0, calibration_images=12, calibration_sources="train+synthetic",
+                     calibration_sampling="stratified", calibration_method="percentile",
+                     fp32_nodes=["first_conv"])
+    (shipped.root / "calib.yaml").write_text(yaml.safe_dump(raw))
+    quantized = shipped.root / "calib" / "quantized"
+    result = CliRunner().invoke(export_command, [
+        "--params", "calib.yaml", "--processed", str(shipped.processed), "--synthetic", str(synthetic),
+        "--out", "calib/classifier.onnx", "--quantized-dir", str(quantized), "--metrics", "calib/metrics.json",
+        "--report", "calib/export.json"])
+    assert result.exit_code == 0, result.output
+    gate = json.loads((quantized / GATE_FILE).read_text())
+    assert gate["calibration_images"] == 12  # 9 train + 15 synthetic available, 4 per class taken
+    assert gate["calibration"] == "percentile(99.999)/pc/qdq+fp32(first_conv) on train+synthetic (stratified)"
+    int8 = onnx.load(str(quantized / INT8_FILE))
+    meta = {p.key: p.value for p in int8.metadata_props}
+    assert meta["int8_calibration"] == "percentile(99.999)/pc/qdq+fp32(first_conv)"
+    first_conv = next(n for n in int8.graph.node if n.op_type == "Conv")
+    assert first_conv.input[0] == "input"  # no QuantizeLinear/DequantizeLinear in front of the first conv
+    assert sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) > 0
