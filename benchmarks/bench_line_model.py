@@ -309,7 +309,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
             label="Pareto front")
     ax.axvline(P99_BUDGET_MS, ls="--", color="k", lw=0.8, label=f"p99 budget {P99_BUDGET_MS:g} ms")
     ax.set_xscale("log")
-    ax.set_xlabel("p99 latency at batch 1, ms (onnxruntime, 2 threads, log scale)")
+    ax.set_xlabel("p99 latency at batch 1, ms (onnxruntime, log scale)")
     ax.set_ylabel("macro-F1 on NEU-CLS test (mean over seeds)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
@@ -389,7 +389,7 @@ def backbones_command(models: Path, method: str, per_channel: bool, fp32_nodes: 
                    f"{'  <- line pick' if s.get('line_pick') else ''}")
     if plot_path:
         plot(result["summary"], plot_path, f"NEU-CLS k=10 + synthetic; int8 = {cfg.label} ({calib_which}); "
-                                           f"load avg {env['load_average_1m_at_start']}")
+                                           f"{threads} thread(s), load avg {env['load_average_1m_at_start']}")
 
 
 if __name__ == "__main__":
