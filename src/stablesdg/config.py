@@ -18,13 +18,16 @@ from typing import Any
 
 import yaml
 
+from .errors import StableSDGError
+
 NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 # Class names become folder and file names (images/<class>/, models/adapters/<class>/, DVC foreach keys):
 # one safe pattern, so `..`, `-x`, `a:b`, tabs and newlines cannot get near a path.
 CLASS_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
+BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
 
 
-class ConfigError(ValueError):
+class ConfigError(StableSDGError, ValueError):
     """A params.yaml value is missing, unknown, of the wrong type or out of range."""
 
 
@@ -163,10 +166,7 @@ class MetricsConfig:
 
 @dataclass
 class ClassifierConfig:
-    backbone: str = choice(
-        "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-        default="resnet18",
-    )
+    backbone: str = choice(*BACKBONES, default="resnet18")
     pretrained: bool = False
     weights_path: str | None = None
     input_size: int = bounded(128, 32, 1024)

@@ -12,12 +12,21 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
+from .errors import StableSDGError
+
+# The pretrained prior shipped in the package (`model.base: embedded`; built by `stablesdg prior pretrain`).
+EMBEDDED_PRIOR = Path(__file__).parent / "assets" / "prior"
+# The adapter files stock `load_textual_inversion` / `load_lora_weights` read (written by adaptation).
+EMBEDS_FILE = "learned_embeds.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -46,7 +55,7 @@ class TinyConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-class BaseModelError(RuntimeError):
+class BaseModelError(StableSDGError, RuntimeError):
     """The base model cannot be loaded (offline hub id, missing folder, incomplete checkpoint)."""
 
 
@@ -57,8 +66,6 @@ def bpe_merges(words: list[str]) -> list[tuple[str, str]]:
     Written out because the `tokenizers` trainer breaks count ties differently on every run, and the merges
     decide the token ids, so the text encoder's weights would not reproduce from a seed.
     """
-    from collections import Counter
-
     corpus = {tuple(w[:-1]) + (w[-1] + "</w>",): 1 for w in dict.fromkeys(words)}
     merges: list[tuple[str, str]] = []
     while True:
@@ -97,8 +104,6 @@ def write_tiny_tokenizer(folder: Path) -> None:
 
 def build_tiny_pipeline(cfg: TinyConfig):
     """A randomly initialised Stable-Diffusion-architecture img2img pipeline (deterministic from cfg.seed)."""
-    import tempfile
-
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -174,8 +179,6 @@ def resolve_base_model(model_cfg: ModelConfig) -> tuple[str, str | None]:
     `embedded` is the pretrained prior shipped in the package; `tiny` a randomly initialised model (tests).
     """
     if model_cfg.base == "embedded":
-        from .prior import EMBEDDED_PRIOR
-
         if not (EMBEDDED_PRIOR / "model_index.json").exists():
             raise BaseModelError(
                 f"the embedded prior is missing from {EMBEDDED_PRIOR}; reinstall the package or rebuild it with "

@@ -13,11 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
+import mlflow
 import numpy as np
 
+from . import tracking
 from .classifier import GAIN_METRICS, Splits, combine, evaluate, load_splits, train_classifier
 from .config import ClassifierConfig, Params
-from .options import load_or_exit, params_option
+from .stages.common import load_or_exit, params_option
 from .utils import write_json
 
 ARMS = (
@@ -100,12 +102,8 @@ def recognition(params: Params, processed: Path, synthetic: Path, seeds: int, we
 def recognition_command(params_path: str, processed: Path, synthetic: Path, seeds: int, weights: Path | None,
                         out: Path) -> None:
     """Real only (without / with augmentation) vs real + synthetic, over seeds and backbone initialisations."""
-    from . import tracking
-
     params = load_or_exit(params_path)
     with tracking.stage_run("recognition", params, inputs=[processed, synthetic]):
-        import mlflow
-
         result = recognition(params, processed, synthetic, seeds, weights)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "recognition.json", result)
