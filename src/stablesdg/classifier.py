@@ -297,7 +297,7 @@ class Evaluation:
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> Evaluation:
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    confusion: np.ndarray = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (y_true, y_pred), 1)
     tp = np.diag(confusion).astype(np.float64)
     predicted, actual = confusion.sum(axis=0), confusion.sum(axis=1)
@@ -572,16 +572,15 @@ def variant_synthetic(splits: Splits, variant: str) -> ImageSet | None:
     return splits.synthetic if variant == "real_plus_synthetic" else None
 
 
-def repeated_gain(splits: Splits, params: Params, first: dict[str, Evaluation]) -> dict:
-    """Both variants retrained with `classifier.repeats - 1` more seeds: per-seed test metrics, and the gain's
-    mean and sample standard deviation, so a reviewer sees whether the gain is larger than seed noise."""
-    cfg = params.classifier
-    seeds = [params.seed + r for r in range(cfg.repeats)]
+def repeated_gain(splits: Splits, cfg: ClassifierConfig, seed: int, first: dict[str, Evaluation]) -> dict:
+    """Both variants retrained with `classifier.repeats - 1` more seeds (after `seed`): per-seed test metrics, and
+    the gain's mean and sample standard deviation, so a reviewer sees whether the gain is larger than seed noise."""
+    seeds = [seed + r for r in range(cfg.repeats)]
     per_seed = {variant: [first[variant]] for variant in VARIANTS}
-    for seed in seeds[1:]:
+    for extra in seeds[1:]:
         for variant in VARIANTS:
             train = combine(splits.train, variant_synthetic(splits, variant))
-            result = train_classifier(train, splits.val, splits.spec, cfg, seed, desc=f"{variant} seed {seed}")
+            result = train_classifier(train, splits.val, splits.spec, cfg, extra, desc=f"{variant} seed {extra}")
             per_seed[variant].append(evaluate(result.model, splits.test, len(splits.spec.class_names)))
     out: dict = {"seeds": seeds}
     for variant in VARIANTS:

@@ -247,7 +247,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0])
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return _build(typing.cast(type, tp), value, key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -342,7 +342,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Nested params as flat `a.b.c` keys (MLflow params)."""
-    if dataclasses.is_dataclass(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = dataclasses.asdict(obj)
     out: dict[str, Any] = {}
     if isinstance(obj, dict):

@@ -211,7 +211,7 @@ def onnx_parity(model: nn.Module, onnx_path: str | Path, x: np.ndarray, names: S
     close = bool(np.allclose(got, expected, atol=atol, rtol=rtol))
     mismatch = np.flatnonzero(expected.argmax(1) != got.argmax(1))
     parity = Parity(diff, float(1 - len(mismatch) / max(1, len(x))), len(x), atol, rtol, close,
-                    [str(names[i]) for i in mismatch])
+                    [str(names[int(i)]) for i in mismatch])
     if not parity.ok:
         raise ExportError(
             f"ONNX/torch parity failed on {len(x)} test images: max |logit diff| {diff:.3g} "

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ SURFACE_NET_DIR = Path(__file__).parent / "assets" / "feature_net"
 SURFACE_FILE, NET_RECORD = "feature_net.safetensors", "feature_net.json"
 PREPROCESS_VERSION = "rgb-float01-bilinear-v1"  # part of every fingerprint: a change invalidates the cache
 
-ImageLike = Path | str | Image.Image
+ImageLike: TypeAlias = Path | str | Image.Image
 
 
 class MetricsError(StableSDGError, ValueError):
@@ -437,7 +438,7 @@ def novelty(fake: np.ndarray, heldout: np.ndarray, train: np.ndarray) -> float:
     return float(np.median(nearest_distances(fake, train)[0]) / max(reference, 1e-12))
 
 
-DEGRADATIONS = {"noise": [0, 6, 12, 24, 48], "blur": [0, 0.75, 1.5, 3, 6]}
+DEGRADATIONS: dict[str, list[float]] = {"noise": [0, 6, 12, 24, 48], "blur": [0, 0.75, 1.5, 3, 6]}
 
 
 def degrade(img: Image.Image, kind: str, level: float, seed: int) -> Image.Image:
@@ -456,7 +457,7 @@ def sanity_curves(scorer: Scorer, real: Sequence[ImageLike], other: Sequence[Ima
     image quality gives a small clean value and rises monotonically with each degradation."""
     fid = scorer.keys["fid"]
     others = [load_image(i) for i in other]
-    curves = {kind: [{"level": lvl, fid: scorer.score(real, [degrade(im, kind, lvl, i) for i, im in enumerate(others)])[fid]}
+    curves: dict[str, list[dict[str, float]]] = {kind: [{"level": lvl, fid: scorer.score(real, [degrade(im, kind, lvl, i) for i, im in enumerate(others)])[fid]}
                      for lvl in levels] for kind, levels in DEGRADATIONS.items()}
     monotone = {kind: all(a[fid] < b[fid] for a, b in zip(c, c[1:], strict=False)) for kind, c in curves.items()}
     return {"metric": fid, "n_real": len(real), "n_other": len(others), "real_vs_real": curves["noise"][0][fid],

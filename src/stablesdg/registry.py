@@ -214,7 +214,7 @@ def register_best(name: str, cfg: ClassifierConfig, results: Sequence[VariantRes
     run = mlflow_client.get_run(best.run_id)
     parent_tags = mlflow_client.get_run(parent_run_id).data.tags
     tags = version_tags(best, cfg, gain, {**parent_tags, **run.data.tags}, evidence, repeats)
-    if champion_value is not None:
+    if champion is not None and champion_value is not None:
         tags[f"champion_v{champion.version}_{metric}_on_this_test_set"] = f"{champion_value:.6f}"
     tags["registration_decision"] = f"{alias}: {reason}"[:5000]
     mv = mlflow.register_model(best.model_uri, name, tags=tags)
@@ -302,6 +302,8 @@ def rollback(mlflow_client: MlflowClient, name: str, reason: str, to_version: st
 
 
 def _rounded(tag: str | None) -> str:
+    if tag is None:
+        return "?"
     try:
         return f"{float(tag):.4f}"
     except (TypeError, ValueError):

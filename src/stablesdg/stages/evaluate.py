@@ -46,7 +46,7 @@ def fid_metrics(result: dict) -> dict:
     """What metrics/fid.json declares to DVC: the means under short keys whatever the feature net (the param
     `metrics.feature_net` says which, and `dvc exp show` shows it when it changes); the per-class detail and
     the net's name go to the report (reports/evaluate/fid_per_class.json)."""
-    return {k: round(v, 4) for k, v in means_of(result).items() if k != "feature_net"}
+    return {k: round(float(v), 4) for k, v in means_of(result).items() if k != "feature_net"}
 
 
 def real_vs_synthetic_grid(real: list[Path], fake: list[Path], n: int = 8) -> Image.Image:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import __version__, registry, tracking
 from ..classifier import ImageSet
-from ..config import Params
+from ..config import ExportConfig, Params
 from ..export import (
     DESCRIPTIVE_KEYS,
     GATE_FILE,
@@ -73,11 +73,10 @@ def _file_info(path: Path) -> dict:
     return {"path": path.as_posix(), "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
 
 
-def _quantize_stage(params: Params, fp32_path: Path, quantized_dir: Path, processed: Path, spec: PreprocessSpec,
-                    test: ImageSet, fp32_logits: np.ndarray, int8_format: str,
+def _quantize_stage(cfg: ExportConfig, seed: int, fp32_path: Path, quantized_dir: Path, processed: Path,
+                    spec: PreprocessSpec, test: ImageSet, fp32_logits: np.ndarray, int8_format: str,
                     parity: Parity) -> tuple[Gate, dict | None]:
     """Build `quantized_dir` from scratch: gate.json always, the int8 model only when the gate keeps it."""
-    cfg = params.export
     quantized_dir.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{quantized_dir.name}-", dir=quantized_dir.parent))
     try:
@@ -85,7 +84,7 @@ def _quantize_stage(params: Params, fp32_path: Path, quantized_dir: Path, proces
             gate = Gate("skipped", "export.quantize is false", cfg.max_accuracy_drop)
         else:
             calib = calibration_sample(load_split(processed, spec, "train").x.numpy(), cfg.calibration_images,
-                                       params.seed)
+                                       seed)
             int8_path = quantize_int8(fp32_path, build / INT8_FILE, calib, int8_format)
             int8_logits = onnx_logits(session(int8_path), test.x.numpy())
             y = test.y.numpy()
@@ -125,7 +124,7 @@ def export_champion(params: Params, processed: str | Path = PROCESSED,
         parity = onnx_parity(model, staged, test.x.numpy(), [p.name for p in test.paths], cfg.parity_atol,
                              cfg.parity_rtol)
         fp32_logits = onnx_logits(session(staged), test.x.numpy())
-        gate, int8_info = _quantize_stage(params, staged, quantized_dir, processed, spec, test, fp32_logits,
+        gate, int8_info = _quantize_stage(cfg, params.seed, staged, quantized_dir, processed, spec, test, fp32_logits,
                                           int8_format, parity)
         stamp(staged, export_stamp(parity, gate))
         check_onnx(onnx.load_model(str(staged)), cfg.opset, [*DESCRIPTIVE_KEYS, *PROVENANCE_KEYS])

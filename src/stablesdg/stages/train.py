@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 import mlflow
@@ -78,10 +79,10 @@ def write_confusion_csv(path: Path, test: ImageSet, predictions: np.ndarray, cla
     return path
 
 
-def model_signature(spec: PreprocessSpec, num_classes: int):
+def model_signature(spec: PreprocessSpec, num_classes: int) -> tuple[Any, np.ndarray]:
     """Signature with a dynamic (-1) batch dimension for input and logits."""
     h, w = spec.input_size
-    example = np.zeros((1, spec.input_channels, h, w), np.float32)
+    example: np.ndarray = np.zeros((1, spec.input_channels, h, w), np.float32)
     return infer_signature(example, np.zeros((1, num_classes), np.float32)), example
 
 
@@ -172,7 +173,7 @@ def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, repor
             summary["gain"] = gain(results["real_plus_synthetic"], results["real_only"])
             mlflow.log_metrics({f"gain_{k}": v for k, v in summary["gain"].items()})
             if params.classifier.repeats > 1:
-                summary["repeats"] = repeated_gain(splits, params, {v: r.evaluation for v, r in results.items()})
+                summary["repeats"] = repeated_gain(splits, params.classifier, params.seed, {v: r.evaluation for v, r in results.items()})
                 mlflow.log_metrics({k: v for k, v in summary["repeats"].items() if k.endswith(("_mean", "_std"))})
         hashes = {r.test_hash for r in results.values()}
         if len(hashes) != 1:
