@@ -24,7 +24,7 @@ from stablesdg.classifier import (
     evaluate,
     load_splits,
     predict_logits,
-    test_scorer,
+    scorer_on_test_set,
     train_classifier,
 )
 from stablesdg.config import parse_params
@@ -33,8 +33,8 @@ from stablesdg.registry import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
+    ComparisonSet,
     Evidence,
-    TestSet,
     alias_version,
     client,
     list_versions,
@@ -87,7 +87,7 @@ def log_and_register(model, splits, params, variant: str, **card):
         uri = log_classifier(model, splits.spec)
     result = VariantResult(variant, evaluate(model, splits.test, len(CLASSES)), TrainResult(model),
                            run.info.run_id, uri, splits.test_hash, len(splits.train), 0)
-    test = TestSet(splits.test_hash, splits.spec, test_scorer(splits))
+    test = ComparisonSet(splits.test_hash, splits.spec, scorer_on_test_set(splits))
     evidence = Evidence(splits.root, **card)
     return result, register_best(params.tracking.registered_model, params.classifier, [result], test, None,
                                  run.info.run_id, evidence)

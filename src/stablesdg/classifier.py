@@ -556,7 +556,7 @@ def load_weights(path: Path) -> tuple[nn.Module, PreprocessSpec]:
     return model.eval(), spec
 
 
-def test_scorer(splits: Splits) -> Callable[[nn.Module, PreprocessSpec, str], float]:
+def scorer_on_test_set(splits: Splits) -> Callable[[nn.Module, PreprocessSpec, str], float]:
     """(model, the model's spec, metric) -> the metric on `splits`' test set, preprocessed as the model's spec says
     (what the registry re-evaluates a champion with)."""
 

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from .errors import StableSDGError
-from .tracking import dvc_hash
 from .utils import read_json, sha256_file, sha256_tree
 
 PRIOR_RECIPE = Path(__file__).parent / "assets" / "prior" / "recipe.json"  # diffusion.EMBEDDED_PRIOR (no torch)
@@ -40,6 +41,20 @@ PROVENANCE_KEYS = (*VERSION_KEYS, *EXPORT_KEYS)  # deploy/src/stablesdg_line/con
 
 
 # --------------------------------------------------------------------------------------- gathering
+def dvc_hash(path: str | Path, lock_file: str | Path = "dvc.lock") -> str | None:
+    """The md5 DVC recorded for `path` as a stage output or dependency in dvc.lock (None if not there)."""
+    lock = Path(lock_file)
+    if not lock.exists():
+        return None
+    wanted = Path(path).as_posix().rstrip("/")
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for stage in stages.values():
+        for entry in stage.get("outs", []) + stage.get("deps", []):
+            if entry.get("path", "").rstrip("/") == wanted and entry.get("md5"):
+                return entry["md5"]
+    return None
+
+
 def labelled_hash(tags: Mapping[str, str], path: str | Path) -> str:
     """`dvc-md5:` / `sha256:` hash of `path` from data tags (`tracking.data_tags`); `unknown` if neither."""
     wanted = Path(path).as_posix()

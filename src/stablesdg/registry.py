@@ -57,7 +57,7 @@ class Registration:
 
 
 @dataclass
-class TestSet:
+class ComparisonSet:
     """The test set a training run was evaluated on, as the registry compares the champion on it."""
 
     sha256: str
@@ -106,7 +106,7 @@ def choose_best(results: Sequence[VariantResult], metric: str) -> VariantResult:
     return best
 
 
-def champion_score(champion: ModelVersion, test: TestSet, metric: str) -> tuple[float | None, str]:
+def champion_score(champion: ModelVersion, test: ComparisonSet, metric: str) -> tuple[float | None, str]:
     """The champion's primary metric on the CURRENT test set: from its tag when the test set is the same,
     otherwise by loading the champion and re-evaluating it here."""
     tag = champion.tags.get(f"test_{metric}")
@@ -199,7 +199,7 @@ def describe(version: str, best: VariantResult, results: Sequence[VariantResult]
     return "\n".join(lines)
 
 
-def register_best(name: str, cfg: ClassifierConfig, results: Sequence[VariantResult], test: TestSet,
+def register_best(name: str, cfg: ClassifierConfig, results: Sequence[VariantResult], test: ComparisonSet,
                   gain: dict | None, parent_run_id: str, evidence: Evidence,
                   repeats: dict | None = None) -> Registration:
     """Register the better variant as registered model `name`'s new version, log its model card, give it

@@ -10,9 +10,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import Params, flatten
+from .provenance import dvc_hash
 from .utils import sha256_tree
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; a ./mlruns file store is refused
@@ -68,20 +67,6 @@ def git_dirty(cwd: str | Path = ".") -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return "true" if out.stdout.strip() else "false"
-
-
-def dvc_hash(path: str | Path, lock_file: str | Path = "dvc.lock") -> str | None:
-    """The md5 DVC recorded for `path` as a stage output or dependency in dvc.lock (None if not there)."""
-    lock = Path(lock_file)
-    if not lock.exists():
-        return None
-    wanted = Path(path).as_posix().rstrip("/")
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    for stage in stages.values():
-        for entry in stage.get("outs", []) + stage.get("deps", []):
-            if entry.get("path", "").rstrip("/") == wanted and entry.get("md5"):
-                return entry["md5"]
-    return None
 
 
 def data_tags(paths: Sequence[str | Path]) -> dict[str, str]:

@@ -32,8 +32,8 @@ from ..classifier import (
     misclassified_grid,
     repeated_gain,
     save_weights,
+    scorer_on_test_set,
     split_hash,
-    test_scorer,
     train_classifier,
     variant_synthetic,
 )
@@ -173,7 +173,8 @@ def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, repor
             summary["gain"] = gain(results["real_plus_synthetic"], results["real_only"])
             mlflow.log_metrics({f"gain_{k}": v for k, v in summary["gain"].items()})
             if params.classifier.repeats > 1:
-                summary["repeats"] = repeated_gain(splits, params.classifier, params.seed, {v: r.evaluation for v, r in results.items()})
+                first = {v: r.evaluation for v, r in results.items()}
+                summary["repeats"] = repeated_gain(splits, params.classifier, params.seed, first)
                 mlflow.log_metrics({k: v for k, v in summary["repeats"].items() if k.endswith(("_mean", "_std"))})
         hashes = {r.test_hash for r in results.values()}
         if len(hashes) != 1:
@@ -181,7 +182,7 @@ def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, repor
         mlflow.set_tag("same_test_set", "true")
         summary["same_test_set"] = True
         if register:
-            test = registry.TestSet(splits.test_hash, splits.spec, test_scorer(splits))
+            test = registry.ComparisonSet(splits.test_hash, splits.spec, scorer_on_test_set(splits))
             evidence = registry.Evidence(processed_dir, synthetic_dir, fid_file, fid_report, grids_dir)
             summary["registered"] = registry.register_best(
                 params.tracking.registered_model, params.classifier, list(results.values()), test,
