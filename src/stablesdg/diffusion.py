@@ -104,6 +104,7 @@ def write_tiny_tokenizer(folder: Path) -> None:
 
 def build_tiny_pipeline(cfg: TinyConfig):
     """A randomly initialised Stable-Diffusion-architecture img2img pipeline (deterministic from cfg.seed)."""
+    # lazy (here and below): diffusers and transformers take seconds to import; `stablesdg data` needs neither
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -202,7 +203,7 @@ def _offline_hint(model_id: str) -> str:
 
 def load_base_pipeline(model_cfg: ModelConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """StableDiffusionImg2ImgPipeline for `model.base` (tiny, local folder or hub id), safety checker off."""
-    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline  # lazy: slow to import
 
     source, revision = resolve_base_model(model_cfg)
     local = Path(source)
@@ -222,7 +223,7 @@ def load_base_pipeline(model_cfg: ModelConfig, device: str = "cpu", dtype: torch
 
 
 def make_scheduler(name: str, config: dict):
-    import diffusers
+    import diffusers  # lazy: slow to import
 
     if name not in SCHEDULERS:
         raise ValueError(f"generate.scheduler: {name!r} is not allowed; allowed values: {', '.join(SCHEDULERS)}")

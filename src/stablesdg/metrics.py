@@ -141,7 +141,11 @@ def _pool_max(x: torch.Tensor) -> torch.Tensor:
 
 def _fid_blocks():
     """torchvision's Inception blocks with the pooling of the TF FID graph (as pytorch-fid patches them)."""
-    from torchvision.models.inception import InceptionA, InceptionC, InceptionE
+    from torchvision.models.inception import (  # lazy: only Inception needs it
+        InceptionA,
+        InceptionC,
+        InceptionE,
+    )
 
     class FIDInceptionA(InceptionA):
         def _forward(self, x):
@@ -179,7 +183,7 @@ class InceptionPool3(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from torchvision.models import Inception3
+        from torchvision.models import Inception3  # lazy: only Inception needs it
 
         a, c, e = _fid_blocks()
         net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)

@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import mlflow
+
 from .config import Params, flatten
 from .provenance import dvc_hash
 from .utils import sha256_tree
@@ -29,8 +31,6 @@ def use_store() -> tuple[str, str]:
     The registry always lives in the tracking store (the sqlite file or the server): `mlflow.set_registry_uri`
     writes MLFLOW_REGISTRY_URI into the environment, so reading that variable back would resurrect stale stores.
     """
-    import mlflow
-
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -38,8 +38,6 @@ def use_store() -> tuple[str, str]:
 
 
 def configure(experiment: str) -> None:
-    import mlflow
-
     use_store()
     mlflow.set_experiment(experiment)
 
@@ -93,8 +91,6 @@ def stage_run(
     extra_tags: dict[str, Any] | None = None,
 ) -> Iterator[Any]:
     """An MLflow run for one pipeline stage with flattened params, git commit and input-data hashes."""
-    import mlflow
-
     configure(params.tracking.experiment)
     with mlflow.start_run(run_name=run_name or stage, nested=nested) as run:
         mlflow.set_tags(
@@ -110,8 +106,6 @@ def stage_run(
 
 def log_image(image: Any, artifact_file: str) -> None:
     """Log a PIL image as a PNG artifact (mlflow.log_image wants numpy or PIL; keep the name explicit)."""
-    import mlflow
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
         image.save(path)
