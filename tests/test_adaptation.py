@@ -289,3 +289,21 @@ def test_lora_file_header_is_canonical(tmp_path):
         loaded = load_file(path)
         assert torch.equal(loaded["b"], tensors["b"]) and torch.equal(loaded["a"], tensors["a"])
     assert variants[0] == variants[1]
+
+
+def test_a_checkpoint_of_another_base_model_is_not_resumed(processed, tmp_path):
+    """Same params, re-pretrained prior under the same path: resuming its checkpoint would load foreign weights."""
+    import shutil
+
+    from stablesdg.adaptation import ClassData, fingerprint
+
+    params = small_params()
+    data = ClassData("scratches", "<scratches>", "scratch", torch.zeros(1, 3, 8, 8), [])
+    folder = tmp_path / "base"
+    shutil.copytree(resolve_base_model(params.model)[0], folder)
+    local = small_params(model={"base": str(folder)})
+    before = fingerprint(local, data)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")
+    assert fingerprint(local, data) != before
+    assert fingerprint(small_params(model={"tiny_seed": 1}), data) != fingerprint(params, data)

@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import Params
+from .diffusion import base_model_fingerprint
 from .options import load_or_exit, params_option
 from .utils import canonical_safetensors_header, derive_seed, pick_device, sha256_file, write_json
 
@@ -305,7 +306,8 @@ def fingerprint(params: Params, data: ClassData) -> str:
     from dataclasses import asdict
 
     parts = {
-        "seed": params.seed, "model": asdict(params.model), "adapt": asdict(params.adapt),
+        "seed": params.seed, "model": asdict(params.model), "base_model": base_model_fingerprint(params.model),
+        "adapt": asdict(params.adapt),
         "class": asdict(params.class_config(data.name)), "files": [sha256_file(f) for f in data.files],
     }
     if process_state().num_processes > 1:  # N replicas make an N-times larger batch: not the same run
