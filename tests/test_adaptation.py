@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,8 +15,10 @@ from safetensors.torch import load_file
 
 from stablesdg.adaptation import (
     AdaptRun,
+    ClassData,
     adapt_class,
     add_placeholder_token,
+    checkpoint_fingerprint,
     class_data,
     diffusion_loss,
     prompt_ids,
@@ -286,3 +289,17 @@ def test_lora_file_header_is_canonical(tmp_path):
         loaded = load_file(path)
         assert torch.equal(loaded["b"], tensors["b"]) and torch.equal(loaded["a"], tensors["a"])
     assert variants[0] == variants[1]
+
+
+def test_a_checkpoint_of_another_base_model_is_not_resumed(processed, tmp_path):
+    """Same params, re-pretrained prior under the same path: resuming its checkpoint would load foreign weights."""
+    params = small_params()
+    data = ClassData("scratches", "<scratches>", "scratch", torch.zeros(1, 3, 8, 8), [])
+    folder = tmp_path / "base"
+    shutil.copytree(resolve_base_model(params.model)[0], folder)
+    local = small_params(model={"base": str(folder)})
+    before = checkpoint_fingerprint(local, data)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")
+    assert checkpoint_fingerprint(local, data) != before
+    assert checkpoint_fingerprint(small_params(model={"tiny_seed": 1}), data) != checkpoint_fingerprint(params, data)

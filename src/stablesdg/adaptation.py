@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .config import AdaptConfig, AugmentConfig, LoraStageConfig, Params
 from .data import split_paths
-from .diffusion import EMBEDS_FILE, LORA_FILE, base_model_record, load_base_pipeline
+from .diffusion import EMBEDS_FILE, LORA_FILE, base_model_fingerprint, base_model_record, load_base_pipeline
 from .errors import AdaptationError
 from .utils import canonical_safetensors_header, derive_seed, pick_device, sha256_file, write_json
 
@@ -298,7 +298,8 @@ def save_adapter(pipe, data: ClassData, token_id: int, cfg: LoraStageConfig, out
 def checkpoint_fingerprint(params: Params, data: ClassData) -> str:
     """What the adaptation depends on: a checkpoint made under another fingerprint is not resumed."""
     parts = {
-        "seed": params.seed, "model": asdict(params.model), "adapt": asdict(params.adapt),
+        "seed": params.seed, "model": asdict(params.model), "base_model": base_model_fingerprint(params.model),
+        "adapt": asdict(params.adapt),
         "class": asdict(params.class_config(data.name)), "files": [sha256_file(f) for f in data.files],
     }
     if process_state().num_processes > 1:  # N replicas make an N-times larger batch: not the same run

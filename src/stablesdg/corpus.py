@@ -21,6 +21,20 @@ class CorpusError(ValueError):
     """The corpus folder holds no usable image."""
 
 
+def image_files(root: Path) -> list[Path]:
+    """Every image file under `root`, recursively, sorted."""
+    return sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def manifest_sha256(root: Path, paths: list[Path]) -> str:
+    """Relative path + content hash of every file: the corpus identity recorded with each model."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(sha256_file(path).encode())
+    return h.hexdigest()
+
+
 class FolderCorpus:
     """Every image under `root` (recursively), grey uint8, in memory; `labels` index `sources`.
 
@@ -33,8 +47,7 @@ class FolderCorpus:
                  min_scale: float = 0.5) -> None:
         self.root, self.resolution, self.min_scale = Path(root), resolution, min_scale
         self.name = self.root.name
-        self.paths = sorted(p for p in self.root.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.paths = image_files(self.root)
         if not self.paths:
             raise CorpusError(f"{root}: no images found (searched recursively for {sorted(IMAGE_EXTENSIONS)})")
         self.sources = sorted({self._source(p) for p in self.paths})
@@ -60,12 +73,7 @@ class FolderCorpus:
         return parts[0] if len(parts) > 1 else "surface"
 
     def manifest_sha256(self) -> str:
-        """Relative path + content hash of every file: the corpus identity recorded with each model."""
-        h = hashlib.sha256()
-        for path in self.paths:
-            h.update(path.relative_to(self.root).as_posix().encode())
-            h.update(sha256_file(path).encode())
-        return h.hexdigest()
+        return manifest_sha256(self.root, self.paths)
 
     def view(self, rng: np.random.Generator, index: int, crop: int) -> np.ndarray:
         img = self.images[index]

@@ -21,6 +21,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import StableSDGError
+from .utils import sha256_file
 
 # The pretrained prior shipped in the package (`model.base: embedded`; built by `stablesdg prior pretrain`).
 EMBEDDED_PRIOR = Path(__file__).parent / "assets" / "prior"
@@ -189,6 +190,20 @@ def resolve_base_model(model_cfg: ModelConfig) -> tuple[str, str | None]:
     if model_cfg.base == "tiny":
         return str(tiny_model_folder(TinyConfig(seed=model_cfg.tiny_seed, resolution=model_cfg.resolution))), None
     return model_cfg.base, model_cfg.revision
+
+
+def base_model_fingerprint(model_cfg: ModelConfig) -> str:
+    """The base model's identity: a local folder by the content of every file (a re-pretrained prior is another
+    model under the same path), a hub id by id@revision."""
+    source, revision = resolve_base_model(model_cfg)
+    folder = Path(source)
+    if not folder.is_dir():
+        return f"{source}@{revision}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
 
 
 def _offline_hint(model_id: str) -> str:

@@ -181,12 +181,6 @@ class ProceduralCorpus:
         return np.stack(images), captions
 
 
-def to_pixels(grey: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W) grey -> float (N, 3, H, W) in [-1, 1], the pipeline's RGB input."""
-    x = torch.from_numpy(grey.astype(np.float32) / 127.5 - 1)[:, None]
-    return x.expand(-1, 3, -1, -1).contiguous()
-
-
 # --------------------------------------------------------------------------------------- training
 @dataclass
 class PriorRecipe:
@@ -209,10 +203,67 @@ class PriorRecipe:
     ssim_weight: float = 0.5     # SSIM is the binding reconstruction figure; L1/MSE alone reward blur
     caption_template: str = "a photo of {} texture"
     caption_dropout: float = 0.1
+    ema_decay: float = 0.0       # > 0: the saved U-Net and text encoder are an EMA of the trained weights
+    vae_seconds: float = 0.0     # > 0: train the VAE for as many steps as fit in this time (then recorded)
+    unet_seconds: float = 0.0    # > 0: the same for the U-Net
+    workers: int = 0             # view-making processes (a GPU outpaces one CPU core cropping and resizing)
     corpus: str = "procedural"
     corpus_manifest_sha256: str = ""
     corpus_images: int = 0
     device: str = "cpu"
+
+
+class StepPlan:
+    """A fixed step count, or, with a time budget, as many steps as fit: the step time is measured early (in the
+    warm-up) and the count fixed then, so the cosine decay still ends at zero."""
+
+    probe = (5, 25)  # timed from step 5: the first steps pay for start-up (workers, kernel selection)
+
+    def __init__(self, steps: int, seconds: float) -> None:
+        self.steps, self.seconds = steps, seconds
+        self.warmup = 100 if seconds > 0 else max(1, steps // 20)
+        self.begun = self.started = 0.0
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))))
+
+    def after(self, step: int) -> bool:
+        """Call after each step; True while training should go on."""
+        if self.seconds > 0 and step == 0:
+            self.begun = time.perf_counter()
+        if self.seconds > 0 and step == self.probe[0]:
+            self.started = time.perf_counter()
+        if self.seconds > 0 and step == self.probe[1]:
+            per_step = (time.perf_counter() - self.started) / (self.probe[1] - self.probe[0])
+            left = self.seconds - (time.perf_counter() - self.begun)
+            self.steps = max(self.warmup + 1, step + 1 + int(left / per_step))
+        return step + 1 < self.steps
+
+
+class _ViewStream(torch.utils.data.IterableDataset):
+    """Endless batches of corpus views; each worker draws from its own seeded stream."""
+
+    def __init__(self, corpus, seed: int, count: int, crop: int) -> None:
+        self.corpus, self.seed, self.count, self.crop = corpus, seed, count, crop
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        rng = np.random.default_rng(derive_seed(self.seed, worker))
+        if hasattr(self.corpus, "drawn"):  # procedural: workers draw disjoint textures
+            self.corpus.drawn = worker << 32
+        while True:
+            grey, captions = self.corpus.views(rng, self.count, self.crop)
+            yield torch.from_numpy(grey), captions
+
+
+def view_batches(corpus, seed: int, count: int, crop: int, workers: int):
+    """Endless (uint8 grey (count, crop, crop), captions) batches, made in `workers` processes (0: here)."""
+    stream = _ViewStream(corpus, seed, count, crop)
+    return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                            persistent_workers=workers > 0, prefetch_factor=4 if workers else None))
 
 
 def build_prior(recipe: PriorRecipe):
@@ -222,6 +273,12 @@ def build_prior(recipe: PriorRecipe):
         vae_channels=recipe.vae_channels, text_hidden=recipe.text_hidden, text_layers=recipe.text_layers,
         latent_channels=recipe.latent_channels,
     ))
+
+
+def grey_to_pixels(grey: torch.Tensor, device: str) -> torch.Tensor:
+    """uint8 (N, H, W) grey -> float (N, 3, H, W) in [-1, 1] on `device` (converted there: cheap on a GPU)."""
+    x = grey.to(device, non_blocking=True).float()[:, None] / 127.5 - 1
+    return x.expand(-1, 3, -1, -1).contiguous()
 
 
 def ssim_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -239,15 +296,19 @@ def ssim_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean()
 
 
-def train_vae(pipe, corpus, recipe: PriorRecipe, log: Callable[[str, int, float], None]) -> None:
+def train_vae(pipe, corpus, recipe: PriorRecipe, log: Callable[[str, int, float], None]) -> int:
+    """Train the VAE; returns the number of steps taken."""
     vae, device = pipe.vae, recipe.device
     vae.train().requires_grad_(True)
+    plan = StepPlan(recipe.vae_steps, recipe.vae_seconds)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.vae_lr, total_steps=recipe.vae_steps, pct_start=0.05)
-    rng = np.random.default_rng(derive_seed("prior-vae", recipe.seed))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, plan.lr_factor)
+    batches = view_batches(corpus, derive_seed("prior-vae", recipe.seed), recipe.vae_batch_size, recipe.vae_crop,
+                           recipe.workers)
     gen = torch.Generator(device).manual_seed(recipe.seed)
-    for step in tqdm(range(recipe.vae_steps), desc="prior vae"):
-        pixels = to_pixels(corpus.views(rng, recipe.vae_batch_size, recipe.vae_crop)[0]).to(device)
+    bar, step = tqdm(desc="prior vae", total=plan.steps), 0
+    while True:
+        pixels = grey_to_pixels(next(batches)[0], device)
         dist = vae.encode(pixels).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen, device=device)
         recon = vae.decode(z).sample
@@ -258,52 +319,88 @@ def train_vae(pipe, corpus, recipe: PriorRecipe, log: Callable[[str, int, float]
         loss.backward()
         opt.step()
         sched.step()
-        log("vae_loss", step, loss.item())
+        if step % 25 == 0:  # .item() waits for the device: not on every step
+            log("vae_loss", step, loss.item())
+        bar.total = plan.steps
+        bar.update()
+        if not plan.after(step):
+            break
+        step += 1
+    bar.close()
     vae.eval().requires_grad_(False)
+    return step + 1
 
 
 @torch.no_grad()
 def encode_views(pipe, corpus, recipe: PriorRecipe, count: int) -> tuple[torch.Tensor, list[str]]:
-    """Latent means of `count` augmented full-resolution views, encoded once (the VAE is frozen by now)."""
-    rng = np.random.default_rng(derive_seed("prior-latents", recipe.seed))
+    """Latent means of `count` augmented full-resolution views, encoded once (the VAE is frozen by now); the
+    latents stay on the training device."""
+    batches = view_batches(corpus, derive_seed("prior-latents", recipe.seed), 64, recipe.resolution, recipe.workers)
     latents, captions = [], []
     for start in tqdm(range(0, count, 64), desc="encode corpus"):
-        grey, caps = corpus.views(rng, min(64, count - start), recipe.resolution)
-        latents.append(pipe.vae.encode(to_pixels(grey).to(recipe.device)).latent_dist.mean.cpu())
-        captions += caps
+        grey, caps = next(batches)
+        take = min(64, count - start)
+        latents.append(pipe.vae.encode(grey_to_pixels(grey[:take], recipe.device)).latent_dist.mean)
+        captions += caps[:take]
     return torch.cat(latents), captions
 
 
 def train_unet(pipe, latents: torch.Tensor, captions: list[str], recipe: PriorRecipe,
-               log: Callable[[str, int, float], None]) -> None:
+               log: Callable[[str, int, float], None]) -> int:
+    """Train U-Net + text encoder on the latent bank; returns the number of steps taken."""
     unet, text_encoder, tok, sched, device = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, recipe.device
     unet.train().requires_grad_(True)
     text_encoder.train().requires_grad_(True)
     params = list(unet.parameters()) + list(text_encoder.parameters())
+    plan = StepPlan(recipe.unet_steps, recipe.unet_seconds)
     opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=1e-2)
-    lr = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.unet_lr, total_steps=recipe.unet_steps, pct_start=0.05)
-    gen = torch.Generator().manual_seed(recipe.seed + 1)
-    latents = latents * pipe.vae.config.scaling_factor
-    for step in tqdm(range(recipe.unet_steps), desc="prior unet"):
-        idx = torch.randint(0, len(latents), (recipe.batch_size,), generator=gen)
+    lr = torch.optim.lr_scheduler.LambdaLR(opt, plan.lr_factor)
+    ema = None
+    if recipe.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=recipe.ema_decay, use_ema_warmup=True, foreach=True)
+    # the few distinct captions are tokenized once; index `empty` is the empty caption (classifier-free guidance)
+    texts = sorted(set(captions))
+    empty = len(texts)
+    ids = tok(texts + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(device)
+    caption_index = torch.tensor([texts.index(c) for c in captions], device=device)
+    gen = torch.Generator(device).manual_seed(recipe.seed + 1)
+    latents = latents.to(device) * pipe.vae.config.scaling_factor
+    alphas = sched.alphas_cumprod.to(device)
+    bar, step = tqdm(desc="prior unet", total=plan.steps), 0
+    while True:
+        idx = torch.randint(0, len(latents), (recipe.batch_size,), generator=gen, device=device)
         batch = latents[idx]
-        drop = torch.rand(len(idx), generator=gen) < recipe.caption_dropout
-        texts = ["" if d else captions[int(i)] for i, d in zip(idx, drop.tolist(), strict=True)]
-        noise = torch.randn(batch.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(batch),), generator=gen)
-        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(device)
-        noisy = sched.add_noise(batch, noise, t).to(device)
-        pred = unet(noisy, t.to(device), encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise.to(device))
+        drop = torch.rand(len(idx), generator=gen, device=device) < recipe.caption_dropout
+        text_ids = ids[torch.where(drop, empty, caption_index[idx])]
+        noise = torch.randn(batch.shape, generator=gen, device=device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(batch),), generator=gen, device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * batch + (1 - a).sqrt() * noise  # the scheduler's add_noise, kept on the device
+        pred = unet(noisy, t, encoder_hidden_states=text_encoder(text_ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr.step()
-        log("unet_loss", step, loss.item())
+        if ema is not None:
+            ema.step(params)
+        if step % 25 == 0:
+            log("unet_loss", step, loss.item())
+        bar.total = plan.steps
+        bar.update()
+        if not plan.after(step):
+            break
+        step += 1
+    bar.close()
+    if ema is not None:
+        ema.copy_to(params)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
+    return step + 1
 
 
 def open_corpus(recipe: PriorRecipe, corpus_dir: Path | None):
@@ -312,33 +409,41 @@ def open_corpus(recipe: PriorRecipe, corpus_dir: Path | None):
     return FolderCorpus(corpus_dir, recipe.resolution, recipe.caption_template)
 
 
+PACKING_FILE = "PACKING.json"  # beside a re-encoded copy of a corpus: what it was made from, and how
+
+
 def pretrain(recipe: PriorRecipe, out_dir: Path, corpus_dir: Path | None = None,
              log: Callable[[str, int, float], None] | None = None) -> dict:
     """Train VAE then U-Net + text encoder; save a diffusers folder with recipe.json (sha256 of every file)."""
     torch.manual_seed(recipe.seed)
+    if recipe.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     log = log or (lambda *_: None)
     started = time.time()
     corpus = open_corpus(recipe, corpus_dir)
-    recipe.corpus = corpus.name
+    packing_file = corpus_dir / PACKING_FILE if corpus_dir else None
+    packing = json.loads(packing_file.read_text()) if packing_file and packing_file.is_file() else None
+    recipe.corpus = packing["source"] if packing else corpus.name  # a packed copy is named after its source
     recipe.corpus_manifest_sha256 = corpus.manifest_sha256()
     recipe.corpus_images = len(getattr(corpus, "images", ()))
     pipe = build_prior(recipe).to(recipe.device)
-    train_vae(pipe, corpus, recipe, log)
+    recipe.vae_steps = train_vae(pipe, corpus, recipe, log)
     bank = max(recipe.corpus_images, 512) * recipe.latent_views
     latents, captions = encode_views(pipe, corpus, recipe, bank)
     pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae_done = time.time()
-    train_unet(pipe, latents, captions, recipe, log)
+    recipe.unet_steps = train_unet(pipe, latents, captions, recipe, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.to("cpu").save_pretrained(out_dir)
     files = {p.relative_to(out_dir).as_posix(): sha256_file(p) for p in sorted(out_dir.rglob("*"))
              if p.is_file() and p.name != "recipe.json"}
     record = {
-        "recipe": asdict(recipe), "device": recipe.device,
+        "recipe": asdict(recipe), "device": recipe.device.split(":")[0],
         "device_name": torch.cuda.get_device_name() if recipe.device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(), "steps": {"vae": recipe.vae_steps, "unet": recipe.unet_steps},
         "seconds": round(time.time() - started, 1), "seconds_vae": round(vae_done - started, 1),
         "latent_bank": len(latents), "skipped_images": getattr(corpus, "skipped", []),
+        "corpus_packing": packing,
         "torch": torch.__version__, "files": files,
         "size_mb": round(sum((out_dir / f).stat().st_size for f in files) / 2**20, 2),
     }
@@ -402,15 +507,26 @@ def prior_group() -> None:
 @click.option("--out", default=str(EMBEDDED_PRIOR), show_default=True, type=click.Path(path_type=Path))
 @click.option("--vae-steps", default=PriorRecipe.vae_steps, show_default=True)
 @click.option("--unet-steps", default=PriorRecipe.unet_steps, show_default=True)
+@click.option("--vae-seconds", default=0.0, show_default=True,
+              help="> 0: as many VAE steps as fit in this time (replaces --vae-steps; the count is recorded)")
+@click.option("--unet-seconds", default=0.0, show_default=True, help="> 0: the same for the U-Net")
 @click.option("--batch-size", default=PriorRecipe.batch_size, show_default=True)
+@click.option("--vae-batch-size", default=PriorRecipe.vae_batch_size, show_default=True)
+@click.option("--vae-crop", default=PriorRecipe.vae_crop, show_default=True)
+@click.option("--vae-lr", default=PriorRecipe.vae_lr, show_default=True)
+@click.option("--ssim-weight", default=PriorRecipe.ssim_weight, show_default=True)
+@click.option("--unet-lr", default=PriorRecipe.unet_lr, show_default=True)
+@click.option("--latent-views", default=PriorRecipe.latent_views, show_default=True,
+              help="augmented views of each corpus image in the U-Net's latent bank")
+@click.option("--ema-decay", default=PriorRecipe.ema_decay, show_default=True,
+              help="> 0: save an exponential moving average of the U-Net and text encoder")
+@click.option("--workers", default=PriorRecipe.workers, show_default=True, help="view-making processes")
 @click.option("--resolution", default=PriorRecipe.resolution, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-def pretrain_command(corpus: Path | None, out: Path, vae_steps: int, unet_steps: int, batch_size: int,
-                     resolution: int, seed: int, device: str) -> None:
+def pretrain_command(corpus: Path | None, out: Path, device: str, **recipe_fields) -> None:
     """Pretrain the prior on an image corpus (CPU: about an hour; GPU: minutes)."""
-    recipe = PriorRecipe(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, batch_size=batch_size,
-                         resolution=resolution, device=pick_device(device))
+    recipe = PriorRecipe(**recipe_fields, device=pick_device(device))
     try:
         record = pretrain(recipe, out, corpus)
     except CorpusError as err:  # the same one-line error as `stablesdg pretrain backbone|feature-net`
