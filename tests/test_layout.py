@@ -35,13 +35,26 @@ def _type_checking_nodes(tree: ast.AST) -> set[int]:
     return inside
 
 
+def _module_level(statements: list[ast.stmt]) -> list[ast.stmt]:
+    """Statements run at import: the module body and what module-level try/if blocks hold (not functions)."""
+    out: list[ast.stmt] = []
+    for stmt in statements:
+        out.append(stmt)
+        if isinstance(stmt, ast.Try):
+            nested = stmt.body + [s for h in stmt.handlers for s in h.body] + stmt.orelse + stmt.finalbody
+            out += _module_level(nested)
+        elif isinstance(stmt, ast.If):
+            out += _module_level(stmt.body + stmt.orelse)
+    return out
+
+
 def package_imports(name: str, top_level_only: bool = False) -> set[str]:
     """The stablesdg modules `name` imports at run time (relative imports; TYPE_CHECKING blocks left out)."""
     file = module_file(name)
     tree = ast.parse(file.read_text())
     skip = _type_checking_nodes(tree)
     package = name if file.name == "__init__.py" else name.rpartition(".")[0]
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    nodes = _module_level(tree.body) if top_level_only else list(ast.walk(tree))
     found = set()
     for node in nodes:
         if not isinstance(node, ast.ImportFrom) or not node.level or id(node) in skip:
