@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as cache:  # the clean halves are featurised once, not once per level
         params = parse_params({"metrics": {"feature_net": args.feature_net, "cache_dir": cache}})
-        result = run(load_scorer(params), args)
+        result = run(load_scorer(params.metrics, params.seed), args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)

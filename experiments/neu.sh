@@ -26,7 +26,7 @@ done < experiments/neu.params
 # Back to the committed default: params, lock, the uncached metrics/reports (reports/neu/ is kept) and, from the
 # DVC cache, the default run's data and models.
 restore() {
-  git checkout -q -- params.yaml dvc.lock metrics reports && dvc checkout -q >/dev/null 2>&1 || true
+  git checkout -q -- params.yaml dvc.lock metrics reports ":(exclude)reports/neu" && dvc checkout -q >/dev/null 2>&1 || true
 }
 trap restore EXIT
 
@@ -42,6 +42,7 @@ for k in ${@:-10 30}; do
   mkdir -p "$out/search" "$out/grids"
   cp reports/search/*.json "$out/search/" && cp reports/grids/*.png "$out/grids/"
   echo "== NEU-CLS k=$k: recognition ($SEEDS seeds)" >&2
+  # (on a lent GPU machine instead: experiments/gpu_recognition.sh pack, then run there; same report files)
   stablesdg recognition --seeds "$SEEDS" --weights "$WEIGHTS" --out "$out"
   echo "== NEU-CLS k=$k: generation ablation ($ABLATION_IMAGES images per class)" >&2
   stablesdg ablation --images "$ABLATION_IMAGES" --out "$out"

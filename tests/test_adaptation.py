@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,14 +15,17 @@ from safetensors.torch import load_file
 
 from stablesdg.adaptation import (
     AdaptRun,
+    ClassData,
     adapt_class,
     add_placeholder_token,
+    checkpoint_fingerprint,
     class_data,
     diffusion_loss,
     prompt_ids,
 )
 from stablesdg.config import parse_params
 from stablesdg.diffusion import BaseModelError, load_base_pipeline, resolve_base_model
+from stablesdg.errors import AdaptationError, MissingInputError
 from stablesdg.generation import generate_class, load_adapted_pipeline, render
 from stablesdg.utils import sha256_file, sha256_tree
 
@@ -123,8 +127,8 @@ def test_loss_falls_on_a_fixed_batch(processed, tmp_path):
 def adapted(processed, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapted")
     params = small_params()
-    pipe, record = adapt_class(params, "crazing", processed, root / "adapters", root / "reports",
-                               checkpoint_root=root / "ckpt", track=False)
+    pipe, record = adapt_class(params, "crazing", processed, root / "adapters",
+                               checkpoint_root=root / "ckpt")
     return params, pipe, record, root
 
 
@@ -203,15 +207,15 @@ def test_generation_same_seed_same_bytes_and_resume_equals_straight(adapted, pro
 
 def test_adaptation_resumed_after_interruption_equals_straight_run(processed, tmp_path):
     params = small_params()
-    _, straight = adapt_class(params, "scratches", processed, tmp_path / "a", tmp_path / "r",
-                              checkpoint_root=tmp_path / "ck_a", track=False)
+    _, straight = adapt_class(params, "scratches", processed, tmp_path / "a",
+                              checkpoint_root=tmp_path / "ck_a")
     for stop in (3, 5):  # once inside stage 1, once inside stage 2
         ckpt = tmp_path / f"ck_{stop}"
-        _, partial = adapt_class(params, "scratches", processed, tmp_path / f"b{stop}", tmp_path / "r",
-                                 checkpoint_root=ckpt, track=False, max_steps_this_run=stop + 6 * (stop == 5))
+        _, partial = adapt_class(params, "scratches", processed, tmp_path / f"b{stop}",
+                                 checkpoint_root=ckpt, max_steps_this_run=stop + 6 * (stop == 5))
         assert partial is None
-        _, resumed = adapt_class(params, "scratches", processed, tmp_path / f"b{stop}", tmp_path / "r",
-                                 checkpoint_root=ckpt, track=False)
+        _, resumed = adapt_class(params, "scratches", processed, tmp_path / f"b{stop}",
+                                 checkpoint_root=ckpt)
         assert resumed is not None
         # Equal up to float summation order: oneDNN picks CPU kernels by buffer alignment, so even two
         # straight runs in one process can differ in the last bits.
@@ -229,18 +233,14 @@ def test_offline_hub_id_names_what_to_download():
 
 
 def test_initializer_must_be_one_token(processed, tmp_path):
-    import click
-
     params = small_params(classes={"crazing": {"initializer": "zqxjkv"}})
-    with pytest.raises(click.ClickException, match="initializer"):
-        adapt_class(params, "crazing", processed, tmp_path, tmp_path, checkpoint_root=tmp_path, track=False)
+    with pytest.raises(AdaptationError, match="initializer"):
+        adapt_class(params, "crazing", processed, tmp_path, checkpoint_root=tmp_path)
 
 
 def test_adapted_pipeline_loader_refuses_missing_files(tmp_path):
-    import click
-
-    with pytest.raises(click.ClickException, match="learned_embeds.safetensors not found"):
-        load_adapted_pipeline(small_params(), "crazing", tmp_path)
+    with pytest.raises(MissingInputError, match="learned_embeds.safetensors not found"):
+        load_adapted_pipeline(small_params().model, "crazing", tmp_path)
 
 
 def test_accelerate_launch_runs_data_parallel_adaptation(processed, tmp_path):
@@ -255,8 +255,8 @@ def test_accelerate_launch_runs_data_parallel_adaptation(processed, tmp_path):
     record = json.loads((tmp_path / "adapters/crazing/adapter.json").read_text())
     assert record["num_processes"] == 2
     assert (tmp_path / "reports/crazing_loss.csv").read_text().count("\n") == 1 + 6 + 6
-    _, single = adapt_class(small_params(), "crazing", processed, tmp_path / "single", tmp_path / "r",
-                            checkpoint_root=tmp_path / "ckpt", track=False)
+    _, single = adapt_class(small_params(), "crazing", processed, tmp_path / "single",
+                            checkpoint_root=tmp_path / "ckpt")
     assert single["num_processes"] == 1
     assert record["sha256"] != single["sha256"], "two replicas average two batches: a different run"
     embeds = load_file(tmp_path / "adapters/crazing/learned_embeds.safetensors")
@@ -289,3 +289,17 @@ def test_lora_file_header_is_canonical(tmp_path):
         loaded = load_file(path)
         assert torch.equal(loaded["b"], tensors["b"]) and torch.equal(loaded["a"], tensors["a"])
     assert variants[0] == variants[1]
+
+
+def test_a_checkpoint_of_another_base_model_is_not_resumed(processed, tmp_path):
+    """Same params, re-pretrained prior under the same path: resuming its checkpoint would load foreign weights."""
+    params = small_params()
+    data = ClassData("scratches", "<scratches>", "scratch", torch.zeros(1, 3, 8, 8), [])
+    folder = tmp_path / "base"
+    shutil.copytree(resolve_base_model(params.model)[0], folder)
+    local = small_params(model={"base": str(folder)})
+    before = checkpoint_fingerprint(local, data)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")
+    assert checkpoint_fingerprint(local, data) != before
+    assert checkpoint_fingerprint(small_params(model={"tiny_seed": 1}), data) != checkpoint_fingerprint(params, data)

@@ -16,7 +16,6 @@ from conftest import make_processed
 from PIL import Image
 
 from stablesdg.classifier import (
-    BACKBONES,
     PretrainedWeightsError,
     augment_batch,
     build_backbone,
@@ -25,15 +24,14 @@ from stablesdg.classifier import (
     load_splits,
     load_weights,
     make_spec,
-    run_training,
     sample_synthetic,
     train_classifier,
-    train_command,
     weights_file_name,
 )
-from stablesdg.config import parse_params
+from stablesdg.config import BACKBONES, parse_params
 from stablesdg.demo import write_demo_dataset
 from stablesdg.registry import CHAMPION, alias_version, client
+from stablesdg.stages.train import run_training, train_command
 
 CLASSES = ["crazing", "patches", "scratches"]
 

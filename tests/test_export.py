@@ -25,25 +25,25 @@ from stablesdg_line.contract import DESCRIPTIVE_KEYS, PREPROCESSING_KEYS, parse_
 from torch import nn
 
 from stablesdg import __version__, tracking
-from stablesdg.classifier import ImageSet, build_backbone, load_images, log_classifier, make_spec, real_split
+from stablesdg.classifier import ImageSet, build_backbone, load_images, make_spec, real_split
+from stablesdg.commands.provenance import provenance_command
 from stablesdg.config import Params, parse_params
 from stablesdg.export import (
     GATE_FILE,
     INT8_FILE,
     ExportError,
     check_onnx,
-    export_champion,
-    export_command,
     int8_gate,
-    load_champion,
     onnx_logits,
     onnx_parity,
     session,
     set_metadata,
     weights_sha256,
 )
-from stablesdg.provenance import adapter_hashes, prior_recipe_sha256, provenance_command
+from stablesdg.provenance import adapter_hashes, prior_recipe_sha256
 from stablesdg.registry import CHAMPION, client
+from stablesdg.stages.export import export_champion, export_command, load_champion
+from stablesdg.stages.train import log_classifier
 from stablesdg.utils import sha256_file, sha256_tree
 
 CLASSES = ["crazing", "patches", "scratches"]

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from conftest import REPO_ROOT
 from PIL import Image
 
-from stablesdg.config import NEU_CLASSES, parse_params
+from stablesdg.config import NEU_CLASSES, MetricsConfig, parse_params
 from stablesdg.corpus import FolderCorpus
 from stablesdg.demo import demo_image
 from stablesdg.metrics import (
@@ -26,7 +26,6 @@ from stablesdg.metrics import (
     MetricsError,
     SurfaceNetRecipe,
     degrade,
-    features_command,
     featurize,
     fid_bootstrap_std,
     fid_from_features,
@@ -42,6 +41,7 @@ from stablesdg.metrics import (
     surface_extractor,
     to_input,
 )
+from stablesdg.stages.features import features_command
 from stablesdg.utils import read_json
 
 
@@ -151,12 +151,12 @@ def test_missing_inception_weights_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     params = parse_params({"metrics": {"feature_net": "inception"}})
     with pytest.raises(FeatureWeightsError) as err:
-        load_extractor(params)
+        load_extractor(params.metrics)
     message = str(err.value)
     assert INCEPTION_FILE in message and INCEPTION_URL in message and str(tmp_path / "hub" / "checkpoints") in message
     params = parse_params({"metrics": {"feature_net": "inception", "inception_weights": str(tmp_path / "w.pth")}})
     with pytest.raises(FeatureWeightsError, match="w.pth"):
-        load_extractor(params)
+        load_extractor(params.metrics)
 
 
 def test_inception_loads_a_weights_file_and_gives_pool3_features(tmp_path):
@@ -165,14 +165,14 @@ def test_inception_loads_a_weights_file_and_gives_pool3_features(tmp_path):
     weights = tmp_path / INCEPTION_FILE
     torch.save(InceptionPool3().net.state_dict(), weights)
     params = parse_params({"metrics": {"feature_net": "inception", "inception_weights": str(weights)}})
-    ext = load_extractor(params)
+    ext = load_extractor(params.metrics)
     assert ext.name == "inception" and ext.input_size == 299
     assert to_input(Image.new("L", (64, 64), 128), 299, antialias=False).shape == (3, 299, 299)
     scores = fid_kid(demo_set(0, 1)[:3], demo_set(1, 1)[:3], ext, kid_subsets=2)
     assert set(scores) == {"fid", "kid_mean", "kid_std"} and all(np.isfinite(v) for v in scores.values())
     torch.save({"conv.weight": torch.zeros(1)}, weights)
     with pytest.raises(FeatureWeightsError, match="not the FID Inception weights"):
-        load_extractor(params)
+        load_extractor(params.metrics)
 
 
 def write_corpus(root, sources=("crazing", "patches", "scratches"), per_source=6, size=96):
@@ -249,7 +249,7 @@ def test_surface_fid_on_real_neu_is_small_for_real_vs_real_and_rises_with_noise_
 
     files = sorted(NEU_CLS.glob("*.bmp"))
     first, second = files[0::30][:60:2], files[0::30][1:60:2]  # 30 + 30 images, every class
-    result = sanity_curves(Scorer(surface_extractor(world["net"]), None, parse_params({})), first, second)
+    result = sanity_curves(Scorer(surface_extractor(world["net"]), None, MetricsConfig(), 42), first, second)
     fids = {kind: [p["fid_surface"] for p in curve] for kind, curve in result["curves"].items()}
     assert result["monotone"]["noise"], fids
     # blur: rises up to radius 3 px; beyond that this 64-d net saturates (documented in README), but every

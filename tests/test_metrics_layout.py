@@ -12,10 +12,10 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, run_cli
 
-from stablesdg.classifier import champion_param, train_metrics
 from stablesdg.data import data_metrics
-from stablesdg.export import export_metrics
-from stablesdg.search import fid_metrics
+from stablesdg.stages.evaluate import fid_metrics
+from stablesdg.stages.export import export_metrics
+from stablesdg.stages.train import champion_param, train_metrics
 
 CLASSES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
 MAX_WIDTH = 120

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +66,16 @@ def test_classifier_starts_from_the_pretrained_body_with_a_fresh_head(pretrained
         build_backbone("resnet18", 5, pretrained=True, weights_path=str(path.with_name("missing.safetensors")))
 
 
+def test_equal_steps_arm_repeats_the_real_images_to_the_synthetic_arm_size():
+    from stablesdg.classifier import ImageSet
+    from stablesdg.recognition import repeated
+
+    real = ImageSet(torch.arange(3.0).view(3, 1, 1, 1), torch.tensor([0, 1, 2]), [Path(f"{i}.png") for i in range(3)])
+    rep = repeated(real, 8)
+    assert rep.y.tolist() == [0, 1, 2, 0, 1, 2, 0, 1] and rep.x.flatten().tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert [p.name for p in rep.paths][-2:] == ["0.png", "1.png"]
+
+
 def test_recognition_pairs_gains_by_seed(pretrained, tmp_path, mlflow_store):
     _, _, weights = pretrained
     processed = make_processed(tmp_path, CLASSES, per_class=10, size=48, k_shot=4)
@@ -89,5 +100,8 @@ def test_recognition_pairs_gains_by_seed(pretrained, tmp_path, mlflow_store):
         paired = np.subtract(per_init["real_synthetic"]["macro_f1"]["values"], per_init["real"]["macro_f1"]["values"])
         np.testing.assert_allclose(per_init["gain_macro_f1"]["values"], paired, atol=2e-6)
         assert per_init["gain_macro_f1"]["mean"] == pytest.approx(paired.mean(), abs=2e-6)
+        equal = np.subtract(per_init["real_synthetic"]["macro_f1"]["values"],
+                            per_init["real_equal_steps"]["macro_f1"]["values"])
+        np.testing.assert_allclose(per_init["gain_equal_steps_macro_f1"]["values"], equal, atol=2e-6)
     table = (tmp_path / "rec" / "recognition.md").read_text()
     assert "| scratch |" in table and "| surface_pretrained |" in table and all(label in table for _, label, *_ in ARMS)

@@ -14,13 +14,16 @@ from stablesdg.corpus import CorpusError, FolderCorpus
 from stablesdg.demo import demo_image
 from stablesdg.prior import (
     EMBEDDED_PRIOR,
+    PACKING_FILE,
     PriorRecipe,
+    StepPlan,
     pretrain,
     prior_group,
     psnr,
     ssim,
     ssim_torch,
     verify_prior,
+    view_batches,
 )
 from stablesdg.utils import read_json
 
@@ -119,3 +122,53 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(CorpusError, match="no images found"):
         FolderCorpus(tmp_path / "empty", 32)
+
+
+def test_step_plan_warms_up_and_decays_to_zero():
+    plan = StepPlan(steps=200, seconds=0)
+    factors = [plan.lr_factor(s) for s in range(200)]
+    assert plan.warmup == 10 and factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[199] < 1e-3 and all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert [plan.after(s) for s in (0, 198, 199)] == [True, True, False]
+
+
+def test_time_budget_fixes_the_step_count_after_the_probe(monkeypatch):
+    now = [0.0]  # a fake clock: every step takes 0.5 s
+    monkeypatch.setattr("stablesdg.prior.time.perf_counter", lambda: now[0])
+    plan = StepPlan(steps=10**9, seconds=1000)
+    step = 0
+    while plan.after(step):
+        step += 1
+        now[0] += 0.5
+    assert plan.steps == step + 1 and 1995 <= plan.steps <= 2005  # 1000 s / 0.5 s
+    assert plan.lr_factor(plan.steps - 1) < 1e-4
+
+
+def test_view_batches_are_seeded_in_process_and_in_workers(corpus_dir):
+    corpus = FolderCorpus(corpus_dir, 32)
+
+    def take(workers):
+        batches = view_batches(corpus, seed=3, count=4, crop=16, workers=workers)
+        return [next(batches) for _ in range(3)]
+
+    here, again = take(0), take(0)
+    assert here[0][0].shape == (4, 16, 16) and here[0][0].dtype == torch.uint8
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(here, again, strict=True))
+    assert not torch.equal(here[0][0], here[1][0])
+    two, two_again = take(2), take(2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(two, two_again, strict=True))
+    assert not torch.equal(two[0][0], two[1][0])  # the two workers draw different views
+
+
+def test_packed_corpus_is_recorded_under_its_source_and_ema_changes_the_weights(corpus_dir, trained, tmp_path):
+    packed = tmp_path / "packed"
+    for src in corpus_dir.rglob("*.png"):
+        (packed / src.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(src).save((packed / src.parent.name / src.name).with_suffix(".webp"), "WEBP", quality=90)
+    packing = {"source": "surface-corpus", "source_manifest_sha256": "ab" * 32, "format": "grey WebP quality 90"}
+    (packed / PACKING_FILE).write_text(json.dumps(packing))
+    record = pretrain(PriorRecipe(**{**TINY, "ema_decay": 0.9}), tmp_path / "ema", packed)
+    assert record["recipe"]["corpus"] == "surface-corpus" and record["corpus_packing"] == packing
+    assert record["recipe"]["corpus_images"] == 8
+    assert record["files"]["unet/diffusion_pytorch_model.safetensors"] != \
+        trained[1]["files"]["unet/diffusion_pytorch_model.safetensors"]

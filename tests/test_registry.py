@@ -10,7 +10,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import click
 import mlflow
 import numpy as np
 import pytest
@@ -24,15 +23,18 @@ from stablesdg.classifier import (
     build_backbone,
     evaluate,
     load_splits,
-    log_classifier,
     predict_logits,
+    scorer_on_test_set,
     train_classifier,
 )
 from stablesdg.config import parse_params
+from stablesdg.errors import RegistryError
 from stablesdg.registry import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
+    ComparisonSet,
+    Evidence,
     alias_version,
     client,
     list_versions,
@@ -40,6 +42,7 @@ from stablesdg.registry import (
     register_best,
     rollback,
 )
+from stablesdg.stages.train import log_classifier
 from stablesdg.tracking import git_dirty, stage_run
 
 CLASSES = ["crazing", "patches", "scratches"]
@@ -84,7 +87,10 @@ def log_and_register(model, splits, params, variant: str, **card):
         uri = log_classifier(model, splits.spec)
     result = VariantResult(variant, evaluate(model, splits.test, len(CLASSES)), TrainResult(model),
                            run.info.run_id, uri, splits.test_hash, len(splits.train), 0)
-    return result, register_best(params, [result], splits, None, None, run.info.run_id, **card)
+    test = ComparisonSet(splits.test_hash, splits.spec, scorer_on_test_set(splits))
+    evidence = Evidence(splits.root, **card)
+    return result, register_best(params.tracking.registered_model, params.classifier, [result], test, None,
+                                 run.info.run_id, evidence)
 
 
 def aliases(mlflow_client) -> dict[str, str]:
@@ -188,12 +194,12 @@ def test_promotion_needs_a_card_and_the_same_test_set(trained, mlflow_store, tmp
     # v2: registered by hand (as before model cards existed): same test set, no card
     source = mlflow_client.get_model_version(NAME, "1").source
     mlflow.register_model(source, NAME, tags={"test_set_sha256": splits.test_hash})
-    with pytest.raises(click.ClickException, match=r"v2 has no model card"):
+    with pytest.raises(RegistryError, match=r"v2 has no model card"):
         promote(mlflow_client, NAME, "2", "looks fine")
     # v3: a card, but evaluated on another test set than the champion's
     _, reg3 = log_and_register(constant_model(0), other_splits, params, "real_only")
     assert reg3.alias == CHALLENGER  # the premise: v3 is not champion already
-    with pytest.raises(click.ClickException, match=r"v3 was tested on test set .* not comparable"):
+    with pytest.raises(RegistryError, match=r"v3 was tested on test set .* not comparable"):
         promote(mlflow_client, NAME, "3", "looks fine")
     assert aliases(mlflow_client)[CHAMPION] == "1"
 

@@ -12,11 +12,13 @@ import yaml
 from click.testing import CliRunner
 from conftest import make_processed, tiny_run_params
 
-from stablesdg.ablation import VARIANTS, ablation_command
 from stablesdg.adaptation import adapt_class
+from stablesdg.commands.ablation import VARIANTS, ablation_command
 from stablesdg.config import SearchConfig, load_params
 from stablesdg.generation import generate_class
-from stablesdg.search import Trial, evaluate_command, refine_trials, search_command
+from stablesdg.search import Trial, refine_trials
+from stablesdg.stages.evaluate import evaluate_command
+from stablesdg.stages.search import search_command
 
 CLASSES = ["crazing", "scratches"]
 RAW = tiny_run_params(
@@ -37,8 +39,7 @@ def world(tmp_path_factory):
     params_file.write_text(yaml.safe_dump({**RAW, "metrics": {**RAW["metrics"], "cache_dir": str(root / "cache")}}))
     params = load_params(params_file)
     for cls in CLASSES:
-        adapt_class(params, cls, processed, root / "adapters", root / "reports", checkpoint_root=root / "ckpt",
-                    track=False)
+        adapt_class(params, cls, processed, root / "adapters", checkpoint_root=root / "ckpt")
     return {"root": root, "processed": processed, "params_file": params_file, "params": params}
 
 

@@ -15,30 +15,30 @@ main process writes checkpoints, adapter files and MLflow records.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-import click
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import gather, reduce
 from PIL import Image
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .config import Params
-from .options import load_or_exit, params_option
+from .config import AdaptConfig, AugmentConfig, LoraStageConfig, Params
+from .data import split_paths
+from .diffusion import EMBEDS_FILE, LORA_FILE, base_model_fingerprint, base_model_record, load_base_pipeline
+from .errors import AdaptationError
 from .utils import canonical_safetensors_header, derive_seed, pick_device, sha256_file, write_json
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-EMBEDS_FILE = "learned_embeds.safetensors"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TrainState:
 
 def load_class_images(paths: list[Path], resolution: int) -> torch.Tensor:
     if not paths:
-        raise click.ClickException("no training images for this class: run the ingest stage first")
+        raise AdaptationError("no training images for this class: run the ingest stage first")
     arrays = []
     for path in paths:
         with Image.open(path) as img:
@@ -69,11 +69,10 @@ def load_class_images(paths: list[Path], resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def sample_batch(data: ClassData, params: Params, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+def sample_batch(data: ClassData, aug: AugmentConfig, batch_size: int, gen: torch.Generator) -> torch.Tensor:
     """Random images with the flips and 90-degree rotations that suit rolled-steel textures."""
     idx = torch.randint(len(data.pixels), (batch_size,), generator=gen)
     batch = data.pixels[idx].clone()
-    aug = params.adapt.augment
     for i in range(batch_size):
         flips = torch.randint(2, (3,), generator=gen).tolist()
         turns = int(torch.randint(4, (1,), generator=gen))
@@ -116,12 +115,12 @@ def add_placeholder_token(pipe, placeholder: str, initializer: str) -> int:
     """Add `placeholder` to the tokenizer, its embedding row initialised from the initializer word."""
     init_ids = pipe.tokenizer.encode(initializer, add_special_tokens=False)
     if len(init_ids) != 1:
-        raise click.ClickException(
+        raise AdaptationError(
             f"classes.*.initializer: {initializer!r} is {len(init_ids)} tokens for this tokenizer; use one word "
             "the tokenizer knows as a single token"
         )
     if pipe.tokenizer.add_tokens(placeholder) != 1:
-        raise click.ClickException(f"model.placeholder: {placeholder!r} already exists in the tokenizer")
+        raise AdaptationError(f"model.placeholder: {placeholder!r} already exists in the tokenizer")
     token_id = pipe.tokenizer.convert_tokens_to_ids(placeholder)
     pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
     with torch.no_grad():
@@ -135,9 +134,9 @@ def freeze_all(pipe) -> None:
         module.requires_grad_(False)
 
 
-def autocast_dtype(params: Params, device: str) -> torch.dtype | None:
+def autocast_dtype(cfg: AdaptConfig, device: str) -> torch.dtype | None:
     """Mixed precision on CUDA only (bf16 where supported under `auto`); CPU trains in fp32."""
-    choice = params.adapt.mixed_precision
+    choice = cfg.mixed_precision
     if not device.startswith("cuda") or choice == "no":
         return None
     if choice == "auto":
@@ -145,14 +144,14 @@ def autocast_dtype(params: Params, device: str) -> torch.dtype | None:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[choice]
 
 
-def enable_cuda_speedups(pipe, params: Params, device: str) -> None:
+def enable_cuda_speedups(pipe, cfg: AdaptConfig, device: str) -> None:
     """SDPA attention (diffusers' default processor on torch 2) and gradient checkpointing on CUDA."""
     if not device.startswith("cuda"):
         return
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0  # lazy: diffusers is slow to import
 
     pipe.unet.set_attn_processor(AttnProcessor2_0())
-    if params.adapt.gradient_checkpointing:
+    if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         pipe.text_encoder.gradient_checkpointing_enable()
 
@@ -186,19 +185,19 @@ def rank_parts(dist) -> tuple:
     return (f"rank{dist.process_index}",) if dist.num_processes > 1 else ()
 
 
-def training_steps(pipe, data: ClassData, params: Params, stage: str, batch_size: int, state: TrainState,
-                   optimizer: torch.optim.Optimizer, until: int,
+def training_steps(pipe, data: ClassData, cfg: AdaptConfig, seed: int, stage: str, batch_size: int,
+                   state: TrainState, optimizer: torch.optim.Optimizer, until: int,
                    after_step: Callable[[], None] | None = None) -> Iterator[float]:
     """The shared diffusion-loss loop; each step's randomness comes from (seed, class, stage, step) alone."""
     device = str(pipe.unet.device)
-    dtype = autocast_dtype(params, device)
+    dtype = autocast_dtype(cfg, device)
     dist = process_state()
     # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     while state.step < until:
-        gen = torch.Generator().manual_seed(derive_seed(params.seed, data.name, stage, state.step, *rank_parts(dist)))
-        pixels = sample_batch(data, params, batch_size, gen)
-        ids = prompt_ids(pipe, data, params.adapt.prompt_templates, batch_size, gen)
+        gen = torch.Generator().manual_seed(derive_seed(seed, data.name, stage, state.step, *rank_parts(dist)))
+        pixels = sample_batch(data, cfg.augment, batch_size, gen)
+        ids = prompt_ids(pipe, data, cfg.prompt_templates, batch_size, gen)
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             loss = diffusion_loss(pipe, pixels, ids, gen)
         optimizer.zero_grad(set_to_none=True)
@@ -214,9 +213,7 @@ def training_steps(pipe, data: ClassData, params: Params, stage: str, batch_size
         yield loss.item()
 
 
-
-
-def embedding_steps(pipe, data: ClassData, params: Params, token_id: int, state: TrainState,
+def embedding_steps(pipe, data: ClassData, cfg: AdaptConfig, seed: int, token_id: int, state: TrainState,
                     optimizer: torch.optim.Optimizer, until: int) -> Iterator[float]:
     """Train only the placeholder row; every other row is put back after each step."""
     emb = pipe.text_encoder.get_input_embeddings()
@@ -228,7 +225,7 @@ def embedding_steps(pipe, data: ClassData, params: Params, token_id: int, state:
     def restore_other_rows() -> None:
         emb.weight[keep] = original[keep]
 
-    yield from training_steps(pipe, data, params, "embedding", params.adapt.embedding.batch_size, state, optimizer,
+    yield from training_steps(pipe, data, cfg, seed, "embedding", cfg.embedding.batch_size, state, optimizer,
                               until, restore_other_rows)
 
 
@@ -239,7 +236,7 @@ def inject_lora(pipe, rank: int, alpha: float, train_text_encoder: bool) -> None
     `CLIPTextModel.add_adapter` breaks with transformers 5.24 + peft 0.21, so both models use
     `inject_adapter_in_model` (diffusers' own `unet.add_adapter` does the same underneath).
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # lazy: peft is slow to import
 
     unet_cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS)
     inject_adapter_in_model(unet_cfg, pipe.unet, adapter_name="default")
@@ -252,8 +249,7 @@ def inject_lora(pipe, rank: int, alpha: float, train_text_encoder: bool) -> None
             p.requires_grad_("lora_" in name)
 
 
-def lora_param_groups(pipe, params: Params) -> list[dict]:
-    cfg = params.adapt.lora
+def lora_param_groups(pipe, cfg: LoraStageConfig) -> list[dict]:
     unet = [p for n, p in pipe.unet.named_parameters() if "lora_" in n]
     text = [p for n, p in pipe.text_encoder.named_parameters() if "lora_" in n]
     groups = [{"params": unet, "lr": cfg.unet_learning_rate}]
@@ -262,14 +258,15 @@ def lora_param_groups(pipe, params: Params) -> list[dict]:
     return groups
 
 
-def lora_steps(pipe, data: ClassData, params: Params, state: TrainState, optimizer: torch.optim.Optimizer,
-               until: int) -> Iterator[float]:
+def lora_steps(pipe, data: ClassData, cfg: AdaptConfig, seed: int, state: TrainState,
+               optimizer: torch.optim.Optimizer, until: int) -> Iterator[float]:
     pipe.unet.train()
     pipe.text_encoder.train()
-    yield from training_steps(pipe, data, params, "lora", params.adapt.lora.batch_size, state, optimizer, until)
+    yield from training_steps(pipe, data, cfg, seed, "lora", cfg.lora.batch_size, state, optimizer, until)
 
 
 def lora_state_dicts(pipe) -> tuple[dict, dict]:
+    # lazy: diffusers and peft are slow to import
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -279,16 +276,14 @@ def lora_state_dicts(pipe) -> tuple[dict, dict]:
     return unet, text
 
 
-def save_adapter(pipe, data: ClassData, token_id: int, params: Params, out_dir: Path) -> dict[str, str]:
+def save_adapter(pipe, data: ClassData, token_id: int, cfg: LoraStageConfig, out_dir: Path) -> dict[str, str]:
     """Write learned_embeds.safetensors and pytorch_lora_weights.safetensors; returns their sha256."""
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
+    from diffusers import StableDiffusionPipeline  # lazy: diffusers is slow to import
 
     out_dir.mkdir(parents=True, exist_ok=True)
     row = pipe.text_encoder.get_input_embeddings().weight[token_id].detach().cpu().clone()
     save_file({data.placeholder: row[None]}, out_dir / EMBEDS_FILE)
     unet_sd, text_sd = lora_state_dicts(pipe)
-    cfg = params.adapt.lora
     meta = {"r": cfg.rank, "lora_alpha": cfg.alpha}
     StableDiffusionPipeline.save_lora_weights(
         out_dir, unet_lora_layers=unet_sd, text_encoder_lora_layers=text_sd or None, weight_name=LORA_FILE,
@@ -300,12 +295,11 @@ def save_adapter(pipe, data: ClassData, token_id: int, params: Params, out_dir: 
 
 
 # --------------------------------------------------------------------------------------- checkpoints
-def fingerprint(params: Params, data: ClassData) -> str:
+def checkpoint_fingerprint(params: Params, data: ClassData) -> str:
     """What the adaptation depends on: a checkpoint made under another fingerprint is not resumed."""
-    from dataclasses import asdict
-
     parts = {
-        "seed": params.seed, "model": asdict(params.model), "adapt": asdict(params.adapt),
+        "seed": params.seed, "model": asdict(params.model), "base_model": base_model_fingerprint(params.model),
+        "adapt": asdict(params.adapt),
         "class": asdict(params.class_config(data.name)), "files": [sha256_file(f) for f in data.files],
     }
     if process_state().num_processes > 1:  # N replicas make an N-times larger batch: not the same run
@@ -356,7 +350,7 @@ class AdaptRun:
     device: str = "cpu"
     max_steps_this_run: int | None = None  # stop after this many steps (tests, time-boxed runs)
     stages: tuple[str, ...] = ("embedding", "lora")
-    on_step: object = None  # callable(stage, step, loss) for MLflow logging
+    on_step: Callable[[str, int, float], Any] | None = None  # (stage, step, loss), e.g. MLflow logging
     losses: list[tuple[int, str, float]] = field(default_factory=list)
 
     def steps_for(self, stage: str) -> int:
@@ -371,7 +365,7 @@ class AdaptRun:
         """Adapt `pipe` in place. Returns the adapter record, or None when stopped before the end."""
         freeze_all(pipe)
         token_id = add_placeholder_token(pipe, self.data.placeholder, self.data.initializer)
-        fp = fingerprint(self.params, self.data)
+        fp = checkpoint_fingerprint(self.params, self.data)
         ckpt = load_checkpoint(self.checkpoint_dir / "checkpoint.pt", fp)
         self.losses = list(ckpt["losses"]) if ckpt else []
         budget = [self.max_steps_this_run]
@@ -386,7 +380,7 @@ class AdaptRun:
             check_replicas_in_sync(pipe)
         if not dist.is_main_process:
             return None
-        hashes = save_adapter(pipe, self.data, token_id, self.params, self.out_dir)
+        hashes = save_adapter(pipe, self.data, token_id, self.params.adapt.lora, self.out_dir)
         return self._record(hashes, dist.num_processes)
 
     def _optimizer(self, pipe, stage: str) -> torch.optim.Optimizer:
@@ -399,7 +393,7 @@ class AdaptRun:
         torch.manual_seed(derive_seed(self.params.seed, self.data.name, "lora-init"))
         inject_lora(pipe, cfg.rank, cfg.alpha, cfg.train_text_encoder)
         pipe.text_encoder.get_input_embeddings().weight.requires_grad_(False)
-        return torch.optim.AdamW(lora_param_groups(pipe, self.params), weight_decay=1e-2)
+        return torch.optim.AdamW(lora_param_groups(pipe, cfg), weight_decay=1e-2)
 
     def _run_stage(self, pipe, stage: str, token_id: int, ckpt: dict | None, fp: str, budget: list) -> bool:
         total = self.steps_for(stage) if stage in self.stages else 0
@@ -411,9 +405,10 @@ class AdaptRun:
                 optimizer.load_state_dict(ckpt["optimizer"])
             state.step = ckpt["step"]
         if stage == "embedding":
-            steps = embedding_steps(pipe, self.data, self.params, token_id, state, optimizer, total)
+            steps = embedding_steps(pipe, self.data, self.params.adapt, self.params.seed, token_id, state, optimizer,
+                                    total)
         else:
-            steps = lora_steps(pipe, self.data, self.params, state, optimizer, total)
+            steps = lora_steps(pipe, self.data, self.params.adapt, self.params.seed, state, optimizer, total)
         ckpt_path = self.checkpoint_dir / "checkpoint.pt"
         bar = tqdm(steps, total=total - state.step, desc=f"{self.data.name} {stage}", leave=False)
         for loss in bar:
@@ -433,8 +428,6 @@ class AdaptRun:
         return True
 
     def _record(self, hashes: dict[str, str], num_processes: int) -> dict:
-        from .diffusion import base_model_record
-
         final = {stage: next((loss for _, s, loss in reversed(self.losses) if s == stage), None)
                  for stage in ("embedding", "lora")}
         record = {
@@ -451,8 +444,6 @@ class AdaptRun:
 
 
 def class_data(params: Params, processed: Path, cls: str) -> ClassData:
-    from .data import split_paths
-
     files = split_paths(processed, cls, "train")
     return ClassData(
         name=cls, placeholder=params.model.placeholder.format(cls=cls),
@@ -461,22 +452,10 @@ def class_data(params: Params, processed: Path, cls: str) -> ClassData:
     )
 
 
-def write_loss_csv(path: Path, losses: list[tuple[int, str, float]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "stage", "loss"])
-        offset = max((s for s, st, _ in losses if st == "embedding"), default=0)
-        for step, stage, loss in losses:  # one x axis across both stages for the DVC plot
-            writer.writerow([step + (offset if stage == "lora" else 0), stage, f"{loss:.6f}"])
-
-
-def adapt_class(params: Params, cls: str, processed: Path, out_root: Path, reports: Path,
-                checkpoint_root: Path = Path(".cache/adapt"), track: bool = True,
-                max_steps_this_run: int | None = None, stages: tuple[str, ...] = ("embedding", "lora")):
-    """Load the base model, adapt it to `cls`, save the adapter; returns (pipe, record or None)."""
-    from .diffusion import load_base_pipeline
-
+def prepare_adaptation(params: Params, cls: str, processed: Path, out_root: Path,
+                       checkpoint_root: Path = Path(".cache/adapt"), max_steps_this_run: int | None = None,
+                       stages: tuple[str, ...] = ("embedding", "lora")) -> tuple[Any, AdaptRun]:
+    """The base model on its device and the class's AdaptRun, ready to `run` (with or without tracking)."""
     torch.manual_seed(params.seed)
     dist = process_state()
     # Under `accelerate launch` each process takes its own GPU (cuda:<local rank>).
@@ -484,59 +463,16 @@ def adapt_class(params: Params, cls: str, processed: Path, out_root: Path, repor
         pick_device(params.adapt.device)
     with dist.main_process_first():  # one process builds or downloads the base model, the others then read it
         pipe = load_base_pipeline(params.model, device)
-    enable_cuda_speedups(pipe, params, device)
+    enable_cuda_speedups(pipe, params.adapt, device)
     data = class_data(params, processed, cls)
-    run = AdaptRun(params, data, out_root / cls, checkpoint_root / cls, device, max_steps_this_run, stages)
-    inputs = [processed / "images" / cls]
-    record = tracked_run(run, pipe, reports, inputs) if track and dist.is_main_process else run.run(pipe)
-    dist.wait_for_everyone()
+    return pipe, AdaptRun(params, data, out_root / cls, checkpoint_root / cls, device, max_steps_this_run, stages)
+
+
+def adapt_class(params: Params, cls: str, processed: Path, out_root: Path,
+                checkpoint_root: Path = Path(".cache/adapt"), max_steps_this_run: int | None = None,
+                stages: tuple[str, ...] = ("embedding", "lora")) -> tuple[Any, dict | None]:
+    """Load the base model, adapt it to `cls`, save the adapter; returns (pipe, record or None)."""
+    pipe, run = prepare_adaptation(params, cls, processed, out_root, checkpoint_root, max_steps_this_run, stages)
+    record = run.run(pipe)
+    process_state().wait_for_everyone()
     return pipe, record
-
-
-def tracked_run(run: AdaptRun, pipe, reports: Path, inputs: list[Path]) -> dict | None:
-    """`run` inside an MLflow run: per-step losses, the adapter files and a real-vs-generated grid."""
-    from . import tracking
-
-    cls = run.data.name
-    with tracking.stage_run("adapt", run.params, inputs=inputs, run_name=f"adapt-{cls}",
-                            extra_tags={"class": cls}):
-        import mlflow
-
-        run.on_step = lambda stage, step, loss: mlflow.log_metric(f"loss_{stage}", loss, step=step)
-        record = run.run(pipe)
-        if record:
-            write_loss_csv(reports / f"{cls}_loss.csv", run.losses)
-            mlflow.log_artifacts(str(run.out_dir), artifact_path="adapter")
-            tracking.log_image(adapt_grid(pipe, run.params, run.data), f"grids/{cls}_real_vs_generated.png")
-    return record
-
-
-def adapt_grid(pipe, params: Params, data: ClassData, n: int = 4) -> Image.Image:
-    """Real training images over images the adapted model makes from them."""
-    from .generation import render
-
-    sources = data.files[:n]
-    fakes = render(pipe, params, data.name, sources, strength=params.generate.strength,
-                   guidance_scale=params.generate.guidance_scale, steps=params.generate.steps,
-                   seeds=[derive_seed(params.seed, data.name, "grid", i) for i in range(len(sources))])
-    from .viz import image_grid
-
-    return image_grid([[Image.open(p) for p in sources], fakes], ["real", "generated"])
-
-
-@click.command("adapt")
-@click.option("--class", "cls", required=True, help="defect class to adapt to")
-@params_option
-@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
-@click.option("--out", default="models/adapters", show_default=True, type=click.Path(path_type=Path))
-@click.option("--reports", default="reports/adapt", show_default=True, type=click.Path(path_type=Path))
-def adapt_command(cls: str, params_path: str, processed: Path, out: Path, reports: Path) -> None:
-    """Textual inversion, then LoRA (U-Net + text encoder) on the class's k-shot images."""
-
-    params = load_or_exit(params_path)
-    params.class_config(cls)
-    _, record = adapt_class(params, cls, processed, out, reports)
-    if record is None:  # a non-main process under `accelerate launch`: the main one saved and reports
-        return
-    click.echo(f"adapt {cls}: embedding loss {record['final_loss']['embedding']}, "
-               f"lora loss {record['final_loss']['lora']} -> {out / cls}")

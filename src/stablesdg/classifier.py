@@ -1,14 +1,14 @@
 """Defect classifier: a torchvision backbone trained on real (+ synthetic) images, real-only as the baseline.
 
-`stablesdg train` trains both variants on the same real splits, evaluates them on the same real test set
-(asserted by hash), logs each as an MLflow run and hands the better one to the registry. Evaluation inputs go
-through `preprocess.preprocess_image`, byte-for-byte what the ONNX line runtime does.
+The library side of the `train` stage (`stages/train.py` logs the runs and registers): backbones, the
+surface-corpus pretraining of a backbone, data, augmentation, metrics, training with early stopping, the
+repeated-seed gain. Evaluation inputs go through `preprocess.preprocess_image`, byte-for-byte what the ONNX
+line runtime does.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import hashlib
 import json
 import math
@@ -16,46 +16,35 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torchvision.models import get_model, get_model_weights
 from tqdm import tqdm
 
-from .config import ClassifierConfig, Params
-from .options import load_or_exit, params_option
+from .config import BACKBONES, ClassifierConfig, Params
+from .data import DataError, class_names_in, split_paths, synthetic_paths
+from .errors import StableSDGError
 from .preprocess import PreprocessSpec, preprocess_image
-from .utils import (
-    canonical_safetensors_header,
-    derive_seed,
-    pick_device,
-    seed_everything,
-    sha256_file,
-    sha256_tree,
-    write_json,
-)
+from .utils import canonical_safetensors_header, derive_seed, pick_device, seed_everything, sha256_file
+from .viz import image_grid
 
-BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-             "regnet_x_400mf", "shufflenet_v2_x1_0")
 VARIANTS = ("real_only", "real_plus_synthetic")
 GAIN_METRICS = ("accuracy", "macro_f1")
-SUMMARY_FILE = "summary.json"  # the full train report in --reports; metrics/train.json holds train_metrics()
-CHAMPION_FILE = "champion.json"  # champion_param(): the export stage's DVC param
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 BRIGHTNESS_JITTER = 0.08  # additive, in [0, 1] pixel units: lighting drift on the line
 CONTRAST_JITTER = 0.1  # multiplicative around the image mean
 
 
-class PretrainedWeightsError(FileNotFoundError):
+class PretrainedWeightsError(StableSDGError, FileNotFoundError):
     """`classifier.pretrained: true` but the ImageNet weights file is not on this machine."""
 
 
 # --------------------------------------------------------------------------------------- backbones
 def weights_file_name(backbone: str) -> str:
     """The file torchvision would download for the backbone's default ImageNet weights."""
-    from torchvision.models import get_model_weights
-
     return Path(get_model_weights(backbone).DEFAULT.url).name
 
 
@@ -68,8 +57,6 @@ def resolve_weights(backbone: str, weights_path: str | None) -> Path:
     for path in [*candidates, hub_file]:
         if path.is_file():
             return path
-    from torchvision.models import get_model_weights
-
     url = get_model_weights(backbone).DEFAULT.url
     raise PretrainedWeightsError(
         f"classifier.pretrained is true but the ImageNet weights for {backbone} ({name}) were not found"
@@ -91,8 +78,6 @@ def build_backbone(
     backbone: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None
 ) -> nn.Module:
     """A torchvision classifier with a `num_classes` head; ImageNet weights from the local cache if asked."""
-    from torchvision.models import get_model
-
     if backbone not in BACKBONES:
         raise ValueError(f"classifier.backbone: {backbone!r} is not supported; use one of {', '.join(BACKBONES)}")
     if not pretrained:
@@ -112,8 +97,6 @@ def head_prefix(model: nn.Module) -> str:
 
 def load_body_weights(model: nn.Module, path: Path) -> nn.Module:
     """Every weight but the head from a `pretrain_backbone` file; the head stays freshly initialised."""
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise PretrainedWeightsError(
             f"classifier.weights_path: {path} not found. Make it with `stablesdg pretrain backbone --corpus DIR "
@@ -161,8 +144,6 @@ def pretrain_backbone(corpus, cfg: BackbonePretrainConfig, device: str = "cpu",
 
     seed_everything(cfg.seed)
     train_idx, held_idx = corpus.holdout(cfg.holdout, cfg.seed)
-    from torchvision.models import get_model
-
     model = get_model(cfg.backbone, weights=None, num_classes=len(corpus.sources)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
@@ -196,8 +177,6 @@ def pretrain_backbone(corpus, cfg: BackbonePretrainConfig, device: str = "cpu",
 
 def save_body_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> Path:
     """Every weight but the head, as fp16 safetensors (half the size; the loader casts back to float32)."""
-    from safetensors.torch import save_file
-
     head = head_prefix(model)
     state = {k: (v.half() if v.is_floating_point() else v).contiguous()
              for k, v in model.state_dict().items() if not k.startswith(head)}
@@ -236,8 +215,6 @@ def load_images(paths: Sequence[Path], labels: Sequence[int], spec: PreprocessSp
 
 
 def real_split(processed_dir: Path, class_names: Sequence[str], split: str) -> tuple[list[Path], list[int]]:
-    from .data import split_paths
-
     paths, labels = [], []
     for label, cls in enumerate(class_names):
         found = split_paths(processed_dir, cls, split)
@@ -246,20 +223,13 @@ def real_split(processed_dir: Path, class_names: Sequence[str], split: str) -> t
     return paths, labels
 
 
-def synthetic_images(synthetic_dir: Path, cls: str) -> list[Path]:
-    folder = synthetic_dir / cls
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def sample_synthetic(
     synthetic_dir: Path, class_names: Sequence[str], real_counts: Sequence[int], ratio: float, seed: int
 ) -> tuple[list[Path], list[int]]:
     """Per class, `ratio` x (real train images of that class) synthetic images, a seeded choice."""
     paths, labels = [], []
     for label, (cls, n_real) in enumerate(zip(class_names, real_counts, strict=True)):
-        pool = synthetic_images(synthetic_dir, cls)
+        pool = synthetic_paths(synthetic_dir, cls)
         wanted = min(len(pool), round(ratio * n_real))
         rng = np.random.default_rng(derive_seed(seed, "synthetic", cls))
         chosen = sorted(rng.choice(len(pool), size=wanted, replace=False)) if wanted else []
@@ -327,7 +297,7 @@ class Evaluation:
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> Evaluation:
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    confusion: np.ndarray = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (y_true, y_pred), 1)
     tp = np.diag(confusion).astype(np.float64)
     predicted, actual = confusion.sum(axis=0), confusion.sum(axis=1)
@@ -393,14 +363,18 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: ClassifierConfig) -> torch.optim
     return None
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled index batches; a trailing batch of one is merged (BatchNorm cannot train on one 1x1 map)."""
-    order = torch.randperm(n, generator=gen)
+def index_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """`order` in batches of `batch_size`; a trailing batch of one is merged into the one before (BatchNorm
+    cannot compute statistics of one 1x1 map)."""
     batches = list(order.split(batch_size))
     if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2] = torch.cat(batches[-2:])
-        batches.pop()
+        batches[-2:] = [torch.cat(batches[-2:])]
     return batches
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index batches (`index_batches`)."""
+    return index_batches(torch.randperm(n, generator=gen), batch_size)
 
 
 @torch.no_grad()
@@ -419,10 +393,7 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int, de
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average = exact mean over the batches below
     model.train()
-    batches = list(torch.arange(len(x)).split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2:] = [torch.cat(batches[-2:])]
-    for idx in batches:
+    for idx in index_batches(torch.arange(len(x)), batch_size):
         model(x[idx].to(device))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
@@ -499,16 +470,14 @@ class Splits:
 
 
 def load_splits(processed_dir: Path, synthetic_dir: Path, params: Params) -> Splits:
-    from .data import class_names_in
-
     cfg = params.classifier
     class_names = class_names_in(processed_dir)
     if len(class_names) < 2:
-        raise click.ClickException(f"{processed_dir}: fewer than two classes; run `stablesdg data ingest` first")
+        raise DataError(f"{processed_dir}: fewer than two classes; run `stablesdg data ingest` first")
     spec = make_spec(class_names, cfg)
     parts = {s: real_split(processed_dir, class_names, s) for s in ("train", "val", "test")}
     if not parts["test"][0] or not parts["val"][0]:
-        raise click.ClickException(f"{processed_dir}: the val and test splits must not be empty")
+        raise DataError(f"{processed_dir}: the val and test splits must not be empty")
     sets = {s: load_images(p, y, spec, desc=s) for s, (p, y) in parts.items()}
     real_counts = [parts["train"][1].count(i) for i in range(len(class_names))]
     synthetic, reason = None, None
@@ -553,32 +522,9 @@ class VariantResult:
         }
 
 
-def write_history_csv(path: Path, history: Sequence[EpochRecord]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["epoch", "train_loss", "val_accuracy", "val_macro_f1"])
-        for r in history:
-            writer.writerow([r.epoch, f"{r.train_loss:.6f}", f"{r.val_accuracy:.6f}", f"{r.val_macro_f1:.6f}"])
-    return path
-
-
-def write_confusion_csv(path: Path, test: ImageSet, predictions: np.ndarray, class_names: Sequence[str]) -> Path:
-    """One row per test image (DVC's confusion template counts them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["actual", "predicted"])
-        for actual, predicted in zip(test.y.tolist(), predictions.tolist(), strict=True):
-            writer.writerow([class_names[actual], class_names[predicted]])
-    return path
-
-
 def misclassified_grid(test: ImageSet, predictions: np.ndarray, class_names: Sequence[str],
                        per_row: int = 8) -> Image.Image:
     """Misclassified test images, one row per (true -> predicted) pair."""
-    from .viz import image_grid
-
     rows: dict[str, list[Image.Image]] = {}
     for path, actual, predicted in zip(test.paths, test.y.tolist(), predictions.tolist(), strict=True):
         if actual != predicted:
@@ -590,40 +536,9 @@ def misclassified_grid(test: ImageSet, predictions: np.ndarray, class_names: Seq
     return image_grid([rows[k][:per_row] for k in labels], labels)
 
 
-def model_signature(spec: PreprocessSpec, num_classes: int):
-    """Signature with a dynamic (-1) batch dimension for input and logits."""
-    from mlflow.models import infer_signature
-
-    h, w = spec.input_size
-    example = np.zeros((1, spec.input_channels, h, w), np.float32)
-    return infer_signature(example, np.zeros((1, num_classes), np.float32)), example
-
-
-def log_classifier(model: nn.Module, spec: PreprocessSpec) -> str:
-    """Log the model (pickle format: keeps the batch dimension dynamic, unlike pt2) and its preprocess spec."""
-    import mlflow
-    import torchvision
-
-    signature, example = model_signature(spec, len(spec.class_names))
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        serialization_format="pickle",
-        signature=signature,
-        input_example=example,
-        # Explicit requirements skip MLflow's slow dependency inference subprocess.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"torchvision=={torchvision.__version__.split('+')[0]}"],
-    )
-    mlflow.log_dict(spec.to_dict(), "preprocess.json")
-    return info.model_uri
-
-
 def save_weights(model: nn.Module, spec: PreprocessSpec, backbone: str, path: Path) -> Path:
     """The trained weights as a DVC-versioned safetensors file (MLflow keeps its own copy): it makes `train` a
     stage with a cached output, so a fresh clone trains (and registers) instead of trusting an empty registry."""
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"backbone": backbone, "preprocess": json.dumps(spec.to_dict())})
@@ -633,9 +548,6 @@ def save_weights(model: nn.Module, spec: PreprocessSpec, backbone: str, path: Pa
 
 def load_weights(path: Path) -> tuple[nn.Module, PreprocessSpec]:
     """The model and preprocess spec `save_weights` wrote (eval mode, CPU)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     spec = PreprocessSpec.from_dict(json.loads(meta["preprocess"]))
@@ -644,24 +556,15 @@ def load_weights(path: Path) -> tuple[nn.Module, PreprocessSpec]:
     return model.eval(), spec
 
 
-def _log_evaluation(evaluation: Evaluation, spec: PreprocessSpec, test: ImageSet, variant: str,
-                    reports_dir: Path) -> None:
-    import mlflow
+def scorer_on_test_set(splits: Splits) -> Callable[[nn.Module, PreprocessSpec, str], float]:
+    """(model, the model's spec, metric) -> the metric on `splits`' test set, preprocessed as the model's spec says
+    (what the registry re-evaluates a champion with)."""
 
-    from . import tracking
-    from .viz import confusion_matrix_image, save_image
+    def score(model: nn.Module, spec: PreprocessSpec, metric: str) -> float:
+        test = splits.test if spec == splits.spec else load_images(splits.test.paths, splits.test.y.tolist(), spec)
+        return evaluate(model, test, len(spec.class_names)).metric(metric)
 
-    names = spec.class_names
-    metrics = {"test_accuracy": evaluation.accuracy, "test_macro_f1": evaluation.macro_f1}
-    for cls, p, r in zip(names, evaluation.precision, evaluation.recall, strict=True):
-        metrics[f"test_precision_{cls}"], metrics[f"test_recall_{cls}"] = p, r
-    mlflow.log_metrics(metrics)
-    confusion = confusion_matrix_image(evaluation.confusion, names, f"{variant}: test confusion")
-    save_image(confusion, reports_dir / f"confusion_{variant}.png")
-    tracking.log_image(confusion, "confusion_matrix.png")
-    grid = misclassified_grid(test, evaluation.predictions, names)
-    save_image(grid, reports_dir / f"misclassified_{variant}.png")
-    tracking.log_image(grid, "misclassified.png")
+    return score
 
 
 def variant_synthetic(splits: Splits, variant: str) -> ImageSet | None:
@@ -669,49 +572,15 @@ def variant_synthetic(splits: Splits, variant: str) -> ImageSet | None:
     return splits.synthetic if variant == "real_plus_synthetic" else None
 
 
-def train_variant(variant: str, splits: Splits, params: Params, inputs: Sequence[Path],
-                  reports_dir: Path, weights_dir: Path | None = None) -> VariantResult:
-    """Train, evaluate on the real test set and log one variant as a nested MLflow run."""
-    import mlflow
-
-    from . import tracking
-
-    synthetic = variant_synthetic(splits, variant)
-    train = combine(splits.train, synthetic)
-    test_hash = split_hash(splits.test.paths, splits.root)  # of the images this run is really evaluated on
-    tags = {"variant": variant, "test_set_sha256": test_hash, "primary_metric": params.classifier.primary_metric,
-            "n_train_real": len(splits.train), "n_train_synthetic": len(synthetic) if synthetic else 0}
-    with tracking.stage_run("train", params, inputs, run_name=variant, nested=True, extra_tags=tags) as run:
-        def log_epoch(r: EpochRecord) -> None:
-            mlflow.log_metrics({"train_loss": r.train_loss, "val_accuracy": r.val_accuracy,
-                                "val_macro_f1": r.val_macro_f1}, step=r.epoch)
-
-        result = train_classifier(train, splits.val, splits.spec, params.classifier, params.seed, log_epoch, variant)
-        evaluation = evaluate(result.model, splits.test, len(splits.spec.class_names))
-        mlflow.log_metrics({"best_epoch": result.best_epoch, f"best_val_{params.classifier.primary_metric}":
-                            result.best_score})
-        _log_evaluation(evaluation, splits.spec, splits.test, variant, reports_dir)
-        write_history_csv(reports_dir / f"history_{variant}.csv", result.history)
-        write_confusion_csv(reports_dir / f"confusion_{variant}.csv", splits.test, evaluation.predictions,
-                            splits.spec.class_names)
-        mlflow.log_artifact(str(reports_dir / f"history_{variant}.csv"))
-        model_uri = log_classifier(result.model, splits.spec)
-        if weights_dir is not None:
-            save_weights(result.model, splits.spec, params.classifier.backbone, weights_dir / f"{variant}.safetensors")
-    return VariantResult(variant, evaluation, result, run.info.run_id, model_uri, test_hash,
-                         len(splits.train), len(synthetic) if synthetic else 0)
-
-
-def repeated_gain(splits: Splits, params: Params, first: dict[str, Evaluation]) -> dict:
-    """Both variants retrained with `classifier.repeats - 1` more seeds: per-seed test metrics, and the gain's
-    mean and sample standard deviation, so a reviewer sees whether the gain is larger than seed noise."""
-    cfg = params.classifier
-    seeds = [params.seed + r for r in range(cfg.repeats)]
+def repeated_gain(splits: Splits, cfg: ClassifierConfig, seed: int, first: dict[str, Evaluation]) -> dict:
+    """Both variants retrained with `classifier.repeats - 1` more seeds (after `seed`): per-seed test metrics, and
+    the gain's mean and sample standard deviation, so a reviewer sees whether the gain is larger than seed noise."""
+    seeds = [seed + r for r in range(cfg.repeats)]
     per_seed = {variant: [first[variant]] for variant in VARIANTS}
-    for seed in seeds[1:]:
+    for extra in seeds[1:]:
         for variant in VARIANTS:
             train = combine(splits.train, variant_synthetic(splits, variant))
-            result = train_classifier(train, splits.val, splits.spec, cfg, seed, desc=f"{variant} seed {seed}")
+            result = train_classifier(train, splits.val, splits.spec, cfg, extra, desc=f"{variant} seed {extra}")
             per_seed[variant].append(evaluate(result.model, splits.test, len(splits.spec.class_names)))
     out: dict = {"seeds": seeds}
     for variant in VARIANTS:
@@ -726,127 +595,3 @@ def repeated_gain(splits: Splits, params: Params, first: dict[str, Evaluation]) 
 
 def gain(augmented: VariantResult, baseline: VariantResult) -> dict[str, float]:
     return {m: augmented.evaluation.metric(m) - baseline.evaluation.metric(m) for m in GAIN_METRICS}
-
-
-def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, reports_dir: Path,
-                 fid_file: Path | None = None, register: bool = True, weights_dir: Path | None = None,
-                 fid_report: Path | None = None, grids_dir: Path | None = None) -> dict:
-    """Both variants, their comparison, the full train report (`train_metrics` picks the declared metrics from
-    it) and (optionally) the registry step with its model card."""
-    import mlflow
-
-    from . import registry, tracking
-
-    splits = load_splits(processed_dir, synthetic_dir, params)
-    inputs = [processed_dir, synthetic_dir]
-    for stale in (weights_dir / f"{v}.safetensors" for v in VARIANTS) if weights_dir else ():
-        stale.unlink(missing_ok=True)  # a skipped variant must not leave an older run's weights behind
-    summary: dict = {"primary_metric": params.classifier.primary_metric, "test_set_sha256": splits.test_hash,
-                     "backbone": params.classifier.backbone, "input_size": params.classifier.input_size}
-    extra = {"test_set_sha256": splits.test_hash, "synthetic_sha256": _synthetic_hash(synthetic_dir)}
-    with tracking.stage_run("train", params, inputs, run_name="train", extra_tags=extra) as parent:
-        results = {"real_only": train_variant("real_only", splits, params, inputs, reports_dir, weights_dir)}
-        summary["real_only"] = results["real_only"].summary(splits.spec.class_names)
-        if splits.synthetic is None:
-            click.echo(f"train: real_plus_synthetic skipped: {splits.skip_reason}")
-            summary["real_plus_synthetic"] = {"skipped": True, "reason": splits.skip_reason}
-            summary["gain"] = None
-        else:
-            results["real_plus_synthetic"] = train_variant("real_plus_synthetic", splits, params, inputs, reports_dir,
-                                                          weights_dir)
-            summary["real_plus_synthetic"] = results["real_plus_synthetic"].summary(splits.spec.class_names)
-            summary["gain"] = gain(results["real_plus_synthetic"], results["real_only"])
-            mlflow.log_metrics({f"gain_{k}": v for k, v in summary["gain"].items()})
-            if params.classifier.repeats > 1:
-                summary["repeats"] = repeated_gain(splits, params, {v: r.evaluation for v, r in results.items()})
-                mlflow.log_metrics({k: v for k, v in summary["repeats"].items() if k.endswith(("_mean", "_std"))})
-        hashes = {r.test_hash for r in results.values()}
-        if len(hashes) != 1:
-            raise RuntimeError(f"variants were evaluated on different test sets: {hashes}")
-        mlflow.set_tag("same_test_set", "true")
-        summary["same_test_set"] = True
-        if register:
-            summary["registered"] = registry.register_best(
-                params, list(results.values()), splits, summary.get("gain"), fid_file, parent.info.run_id,
-                summary.get("repeats"), synthetic_dir, fid_report, grids_dir,
-            ).to_dict()
-        mlflow.log_dict(summary, "train.json")
-    return summary
-
-
-def train_metrics(summary: dict) -> dict[str, float]:
-    """What metrics/train.json declares to DVC: the figures compared across experiments, under short flat keys
-    rounded to 3 decimals (`dvc exp show` makes one column per key and must fit 120 columns; one test image
-    of 120 is 0.008). `acc`/`f1` are
-    the real+synthetic model's (real-only's when no synthetic set), `gain`/`gain_sd` its macro-F1 gain over
-    real-only (mean, sample std over `classifier.repeats` seeds). Per class, ids and hashes: the report."""
-    from .provenance import gain_stats
-
-    augmented = summary.get("real_plus_synthetic") or {}
-    model = summary["real_only"] if augmented.get("skipped") or not augmented else augmented
-    out = {"acc": model["accuracy"], "f1": model["macro_f1"]}
-    stats = gain_stats(summary.get("gain"), summary.get("repeats"))
-    if stats:
-        out["gain"] = stats["mean"]
-        if stats["std"] is not None:
-            out["gain_sd"] = stats["std"]
-    return {k: round(float(v), 3) for k, v in out.items()}
-
-
-def champion_param(summary: dict) -> dict[str, str]:
-    """reports/train/champion.json: the registry's champion after this training, which the export stage reads
-    as a DVC *param*: export re-runs when the champion changes, and `dvc exp show` shows a short version
-    number instead of the 32-character md5 column a file dependency on train's outputs would add."""
-    registered = summary.get("registered") or {}
-    champion = registered.get("version") if registered.get("alias") == "champion" else registered.get("champion_before")
-    return {"champion": str(champion or "none")}
-
-
-def _synthetic_hash(synthetic_dir: Path) -> str:
-    return sha256_tree(synthetic_dir) if synthetic_dir.exists() else "none"
-
-
-@click.command("train")
-@params_option
-@click.option("--processed", default="data/processed", show_default=True, type=click.Path(file_okay=False))
-@click.option("--synthetic", default="data/synthetic", show_default=True, type=click.Path(file_okay=False))
-@click.option("--fid", "fid_file", default="metrics/fid.json", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--fid-report", default="reports/evaluate/fid_per_class.json", show_default=True,
-              type=click.Path(dir_okay=False), help="Per-class FID/KID for the model card.")
-@click.option("--grids", "grids_dir", default="reports/grids", show_default=True, type=click.Path(file_okay=False),
-              help="Real-vs-synthetic grids (<class>.png) for the model card.")
-@click.option("--metrics", "metrics_file", default="metrics/train.json", show_default=True,
-              type=click.Path(dir_okay=False), help="The few figures DVC compares (see train_metrics).")
-@click.option("--reports", default="reports/train", show_default=True, type=click.Path(file_okay=False),
-              help="Histories, confusion matrices and summary.json (the full train report).")
-@click.option("--weights", "weights_dir", default="models/classifier", show_default=True,
-              type=click.Path(file_okay=False), help="Where each variant's trained weights are written.")
-@click.option("--register/--no-register", default=True, show_default=True,
-              help="Register the better variant in the MLflow model registry.")
-def train_command(params_path: str, processed: str, synthetic: str, fid_file: str, fid_report: str, grids_dir: str,
-                  metrics_file: str, reports: str, weights_dir: str, register: bool) -> None:
-    """Train the real-only baseline and the real+synthetic classifier; compare them on the real test set."""
-
-    params = load_or_exit(params_path)
-    try:
-        summary = run_training(params, Path(processed), Path(synthetic), Path(reports), Path(fid_file), register,
-                               Path(weights_dir), Path(fid_report), Path(grids_dir))
-    except PretrainedWeightsError as err:
-        raise click.ClickException(str(err)) from None
-    write_json(Path(reports) / SUMMARY_FILE, summary)
-    write_json(Path(reports) / CHAMPION_FILE, champion_param(summary))
-    write_json(metrics_file, train_metrics(summary))
-    metric = params.classifier.primary_metric
-    line = f"train: real_only test {metric}={summary['real_only'][metric]:.4f}"
-    if summary["gain"] is not None:
-        line += (f", real_plus_synthetic {summary['real_plus_synthetic'][metric]:.4f} "
-                 f"(gain {summary['gain'][metric]:+.4f})")
-    if "repeats" in summary:
-        rep = summary["repeats"]
-        line += (f"; over {len(rep['seeds'])} seeds gain {rep[f'gain_{metric}_mean']:+.4f} "
-                 f"+/- {rep[f'gain_{metric}_std']:.4f}")
-    click.echo(line + f" -> {metrics_file}, {Path(reports) / SUMMARY_FILE}")
-    if "registered" in summary:
-        reg = summary["registered"]
-        click.echo(f"registry: {reg['model_name']} v{reg['version']} ({reg['variant']}) -> @{reg['alias']}: "
-                   f"{reg['reason']}")

@@ -18,13 +18,17 @@ from typing import Any
 
 import yaml
 
+from .errors import StableSDGError
+
 NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 # Class names become folder and file names (images/<class>/, models/adapters/<class>/, DVC foreach keys):
 # one safe pattern, so `..`, `-x`, `a:b`, tabs and newlines cannot get near a path.
 CLASS_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
+BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+             "regnet_x_400mf", "shufflenet_v2_x1_0")
 
 
-class ConfigError(ValueError):
+class ConfigError(StableSDGError, ValueError):
     """A params.yaml value is missing, unknown, of the wrong type or out of range."""
 
 
@@ -163,10 +167,7 @@ class MetricsConfig:
 
 @dataclass
 class ClassifierConfig:
-    backbone: str = choice(
-        "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-        "regnet_x_400mf", "shufflenet_v2_x1_0", default="resnet18",
-    )
+    backbone: str = choice(*BACKBONES, default="resnet18")
     pretrained: bool = False
     weights_path: str | None = None
     input_size: int = bounded(128, 32, 1024)
@@ -254,7 +255,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0])
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return _build(typing.cast(type, tp), value, key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -349,7 +350,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Nested params as flat `a.b.c` keys (MLflow params)."""
-    if dataclasses.is_dataclass(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = dataclasses.asdict(obj)
     out: dict[str, Any] = {}
     if isinstance(obj, dict):

@@ -25,7 +25,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .config import DataConfig
+from .errors import StableSDGError
 from .utils import read_json, write_json
+from .viz import image_grid
 
 IMAGE_EXTENSIONS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
 # Decoded by content, as on the line (deploy/ stablesdg_line.images.ALLOWED_FORMATS): any other format is
@@ -43,7 +45,7 @@ MANIFEST_FIELDS = ["path", "class", "split", "sha256", "source_file", "width", "
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(StableSDGError, ValueError):
     """The source data cannot be used as a whole (missing folder, no valid image in a class, ...)."""
 
 
@@ -368,6 +370,19 @@ def split_paths(processed_dir: str | Path, class_name: str, split: str) -> list[
     return sorted((processed_dir / rel).resolve() for rel in read_json(split_file).get(split, []))
 
 
+def heldout_paths(processed_dir: str | Path, class_name: str) -> list[Path]:
+    """The class's real images that are neither train nor test (val + pool): the search's FID reference."""
+    return sorted([*split_paths(processed_dir, class_name, "val"), *split_paths(processed_dir, class_name, "pool")])
+
+
+def synthetic_paths(synthetic_dir: str | Path, class_name: str) -> list[Path]:
+    """The class's generated images (`<synthetic_dir>/<class>/`, any image suffix), sorted; [] if none."""
+    folder = Path(synthetic_dir) / class_name
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def read_manifest(processed_dir: str | Path) -> list[dict]:
     with open(Path(processed_dir) / "manifest.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -375,8 +390,6 @@ def read_manifest(processed_dir: str | Path) -> list[dict]:
 
 def contact_sheet(processed_dir: Path, classes: list[str], per_class: int = 6) -> Image.Image:
     """A few training images per class as one labelled PNG grid."""
-    from .viz import image_grid
-
     rows = []
     for cls in classes:
         paths = split_paths(processed_dir, cls, "train")[:per_class]

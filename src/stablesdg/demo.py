@@ -79,7 +79,8 @@ def _pitted_surface(rng: np.random.Generator, size: int) -> np.ndarray:
 
     def draw(d: ImageDraw.ImageDraw) -> None:
         for _ in range(rng.integers(40, 120)):
-            x, y = rng.normal(centre, spread)
+            pos = np.asarray(rng.normal(centre, spread))
+            x, y = pos
             r = rng.uniform(0.8, 2.8)
             d.ellipse([x - r, y - r, x + r, y + r], fill=255)
 

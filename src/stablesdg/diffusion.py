@@ -12,12 +12,22 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
+from .errors import StableSDGError
+from .utils import sha256_file
+
+# The pretrained prior shipped in the package (`model.base: embedded`; built by `stablesdg prior pretrain`).
+EMBEDDED_PRIOR = Path(__file__).parent / "assets" / "prior"
+# The adapter files stock `load_textual_inversion` / `load_lora_weights` read (written by adaptation).
+EMBEDS_FILE = "learned_embeds.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -46,7 +56,7 @@ class TinyConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-class BaseModelError(RuntimeError):
+class BaseModelError(StableSDGError, RuntimeError):
     """The base model cannot be loaded (offline hub id, missing folder, incomplete checkpoint)."""
 
 
@@ -57,8 +67,6 @@ def bpe_merges(words: list[str]) -> list[tuple[str, str]]:
     Written out because the `tokenizers` trainer breaks count ties differently on every run, and the merges
     decide the token ids, so the text encoder's weights would not reproduce from a seed.
     """
-    from collections import Counter
-
     corpus = {tuple(w[:-1]) + (w[-1] + "</w>",): 1 for w in dict.fromkeys(words)}
     merges: list[tuple[str, str]] = []
     while True:
@@ -97,8 +105,7 @@ def write_tiny_tokenizer(folder: Path) -> None:
 
 def build_tiny_pipeline(cfg: TinyConfig):
     """A randomly initialised Stable-Diffusion-architecture img2img pipeline (deterministic from cfg.seed)."""
-    import tempfile
-
+    # lazy (here and below): diffusers and transformers take seconds to import; `stablesdg data` needs neither
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -174,8 +181,6 @@ def resolve_base_model(model_cfg: ModelConfig) -> tuple[str, str | None]:
     `embedded` is the pretrained prior shipped in the package; `tiny` a randomly initialised model (tests).
     """
     if model_cfg.base == "embedded":
-        from .prior import EMBEDDED_PRIOR
-
         if not (EMBEDDED_PRIOR / "model_index.json").exists():
             raise BaseModelError(
                 f"the embedded prior is missing from {EMBEDDED_PRIOR}; reinstall the package or rebuild it with "
@@ -185,6 +190,20 @@ def resolve_base_model(model_cfg: ModelConfig) -> tuple[str, str | None]:
     if model_cfg.base == "tiny":
         return str(tiny_model_folder(TinyConfig(seed=model_cfg.tiny_seed, resolution=model_cfg.resolution))), None
     return model_cfg.base, model_cfg.revision
+
+
+def base_model_fingerprint(model_cfg: ModelConfig) -> str:
+    """The base model's identity: a local folder by the content of every file (a re-pretrained prior is another
+    model under the same path), a hub id by id@revision."""
+    source, revision = resolve_base_model(model_cfg)
+    folder = Path(source)
+    if not folder.is_dir():
+        return f"{source}@{revision}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
 
 
 def _offline_hint(model_id: str) -> str:
@@ -199,7 +218,7 @@ def _offline_hint(model_id: str) -> str:
 
 def load_base_pipeline(model_cfg: ModelConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """StableDiffusionImg2ImgPipeline for `model.base` (tiny, local folder or hub id), safety checker off."""
-    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline  # lazy: slow to import
 
     source, revision = resolve_base_model(model_cfg)
     local = Path(source)
@@ -219,7 +238,7 @@ def load_base_pipeline(model_cfg: ModelConfig, device: str = "cpu", dtype: torch
 
 
 def make_scheduler(name: str, config: dict):
-    import diffusers
+    import diffusers  # lazy: slow to import
 
     if name not in SCHEDULERS:
         raise ValueError(f"generate.scheduler: {name!r} is not allowed; allowed values: {', '.join(SCHEDULERS)}")

@@ -13,13 +13,14 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import click
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .config import Params
-from .options import load_or_exit, params_option
+from .config import GenerateConfig, ModelConfig, Params
+from .data import split_paths
+from .diffusion import EMBEDS_FILE, LORA_FILE, base_model_record, load_base_pipeline, make_scheduler
+from .errors import MissingInputError
 from .utils import derive_seed, pick_device, read_json, sha256_file, write_json
 
 PROMPT = "A photo of {}"
@@ -38,22 +39,19 @@ class Settings:
         return self.mode == "txt2img" or self.strength >= 1.0
 
 
-def load_adapted_pipeline(params: Params, cls: str, adapter_dir: Path, device: str = "cpu"):
+def load_adapted_pipeline(model: ModelConfig, cls: str, adapter_dir: Path, device: str = "cpu"):
     """Base model + the class's adapter files, through the stock diffusers loaders a user would call."""
-    from .adaptation import EMBEDS_FILE, LORA_FILE
-    from .diffusion import load_base_pipeline
-
     for name in (EMBEDS_FILE, LORA_FILE):
         if not (adapter_dir / name).exists():
-            raise click.ClickException(f"{adapter_dir / name} not found: run `dvc repro adapt@{cls}` first")
-    pipe = load_base_pipeline(params.model, device)
+            raise MissingInputError(f"{adapter_dir / name} not found: run `dvc repro adapt@{cls}` first")
+    pipe = load_base_pipeline(model, device)
     pipe.load_textual_inversion(str(adapter_dir), weight_name=EMBEDS_FILE)
     pipe.load_lora_weights(str(adapter_dir), weight_name=LORA_FILE)
     return pipe
 
 
-def generation_resolution(params: Params) -> int:
-    return params.generate.resolution or params.model.resolution
+def generation_resolution(generate: GenerateConfig, model: ModelConfig) -> int:
+    return generate.resolution or model.resolution
 
 
 def _to_model_input(path: Path, resolution: int) -> Image.Image:
@@ -69,9 +67,7 @@ def _to_dataset_format(img: Image.Image, size: int, color_mode: str) -> Image.Im
 def generate_batch(pipe, prompt: str, sources: list[Path], settings: Settings, seeds: list[int],
                    resolution: int, out_size: int, color_mode: str) -> list[Image.Image]:
     """One batch; each image has its own generator, so an image does not depend on its batch-mates' seeds."""
-    from diffusers import StableDiffusionPipeline
-
-    from .diffusion import make_scheduler
+    from diffusers import StableDiffusionPipeline  # lazy: diffusers is slow to import
 
     if not settings.pure_noise and settings.steps * settings.strength < 1:
         # No denoising step at all: the image-oriented start point is the source itself.
@@ -99,14 +95,14 @@ def render(pipe, params: Params, cls: str, sources: list[Path], strength: float,
     bs = params.generate.batch_size
     for i in range(0, len(sources), bs):
         out += generate_batch(pipe, prompt, sources[i:i + bs], settings, seeds[i:i + bs],
-                              generation_resolution(params), params.data.image_size, params.data.color_mode)
+                              generation_resolution(params.generate, params.model), params.data.image_size,
+                              params.data.color_mode)
     return out
 
 
 # --------------------------------------------------------------------------------------- the class's set
-def chosen_settings(params: Params, search_file: Path) -> tuple[Settings, str]:
+def chosen_settings(g: GenerateConfig, search_file: Path) -> tuple[Settings, str]:
     """Search result when enabled and present, else params; returns (settings, where they came from)."""
-    g = params.generate
     if g.use_search and search_file.exists():
         best = read_json(search_file)["best"]
         return Settings(float(best["strength"]), float(best["guidance_scale"]), int(best["steps"]), g.scheduler,
@@ -114,22 +110,21 @@ def chosen_settings(params: Params, search_file: Path) -> tuple[Settings, str]:
     return Settings(g.strength, g.guidance_scale, g.steps, g.scheduler, g.mode), "params.yaml"
 
 
-def plan(params: Params, cls: str, sources: list[Path], n: int) -> list[dict]:
+def plan(seed: int, cls: str, sources: list[Path], n: int) -> list[dict]:
     """Which source and seed each output index uses (round-robin over the real training images)."""
     return [
         {"file": f"{cls}_{i:05d}.png", "index": i, "source": sources[i % len(sources)].name,
-         "seed": derive_seed(params.seed, cls, sources[i % len(sources)].name, i)}
+         "seed": derive_seed(seed, cls, sources[i % len(sources)].name, i)}
         for i in range(n)
     ]
 
 
 def fingerprint(params: Params, settings: Settings, adapter_hashes: dict, sources: list[Path]) -> str:
-    from .diffusion import base_model_record
-
+    """What a class's synthetic set depends on: images of a run with another fingerprint are not kept."""
     parts = {
         "seed": params.seed, "settings": asdict(settings), "base": base_model_record(params.model),
         "adapter": adapter_hashes, "sources": [sha256_file(p) for p in sources],
-        "resolution": generation_resolution(params), "size": params.data.image_size, "mode": params.data.color_mode,
+        "resolution": generation_resolution(params.generate, params.model), "size": params.data.image_size, "mode": params.data.color_mode,
         "placeholder": params.model.placeholder, "batch": params.generate.batch_size,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -147,11 +142,8 @@ def _kept_records(out_dir: Path, fp: str) -> dict[str, dict]:
 def generate_class(params: Params, cls: str, processed: Path, adapter_dir: Path, out_dir: Path,
                    search_file: Path, pipe=None, stop_after_batches: int | None = None) -> dict:
     """Write `per_class` images + manifest.json into out_dir, keeping intact images of an interrupted run."""
-    from .data import split_paths
-    from .diffusion import base_model_record
-
     sources = split_paths(processed, cls, "train")
-    settings, origin = chosen_settings(params, search_file)
+    settings, origin = chosen_settings(params.generate, search_file)
     adapter = read_json(adapter_dir / "adapter.json")
     fp = fingerprint(params, settings, adapter["sha256"], sources)
     kept = _kept_records(out_dir, fp)
@@ -160,9 +152,9 @@ def generate_class(params: Params, cls: str, processed: Path, adapter_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     for stray in (p for p in out_dir.glob("*.png") if p.name not in kept):
         stray.unlink()
-    items = plan(params, cls, sources, params.generate.per_class)
+    items = plan(params.seed, cls, sources, params.generate.per_class)
     header = {"class": cls, "fingerprint": fp, "settings": asdict(settings), "settings_from": origin,
-              **base_model_record(params.model), "resolution": generation_resolution(params),
+              **base_model_record(params.model), "resolution": generation_resolution(params.generate, params.model),
               "adapter_sha256": adapter["sha256"],
               "prompt": PROMPT.format(adapter["placeholder"])}
     by_name = {p.name: p for p in sources}
@@ -170,13 +162,13 @@ def generate_class(params: Params, cls: str, processed: Path, adapter_dir: Path,
     batches = [items[i:i + bs] for i in range(0, len(items), bs)]
     todo = [b for b in batches if not all(it["file"] in kept for it in b)]
     if todo and pipe is None:
-        pipe = load_adapted_pipeline(params, cls, adapter_dir, pick_device(params.generate.device))
+        pipe = load_adapted_pipeline(params.model, cls, adapter_dir, pick_device(params.generate.device))
     for done, batch in enumerate(tqdm(todo, desc=f"generate {cls}", unit="batch")):
         if stop_after_batches is not None and done >= stop_after_batches:
             break
         images = generate_batch(pipe, header["prompt"], [by_name[it["source"]] for it in batch], settings,
-                                [it["seed"] for it in batch], generation_resolution(params), params.data.image_size,
-                                params.data.color_mode)
+                                [it["seed"] for it in batch], generation_resolution(params.generate, params.model),
+                                params.data.image_size, params.data.color_mode)
         for it, img in zip(batch, images, strict=True):
             img.save(out_dir / it["file"])
             kept[it["file"]] = {**it, "sha256": sha256_file(out_dir / it["file"]), **asdict(settings)}
@@ -187,26 +179,3 @@ def generate_class(params: Params, cls: str, processed: Path, adapter_dir: Path,
 
 def _write_manifest(out_dir: Path, header: dict, records: dict[str, dict]) -> None:
     write_json(out_dir / "manifest.json", {**header, "images": [records[k] for k in sorted(records)]})
-
-
-@click.command("generate")
-@click.option("--class", "cls", required=True, help="defect class to generate")
-@params_option
-@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
-@click.option("--adapters", default="models/adapters", show_default=True, type=click.Path(path_type=Path))
-@click.option("--search", "search_dir", default="reports/search", show_default=True, type=click.Path(path_type=Path))
-@click.option("--out", default="data/synthetic", show_default=True, type=click.Path(path_type=Path))
-def generate_command(cls: str, params_path: str, processed: Path, adapters: Path, search_dir: Path,
-                     out: Path) -> None:
-    """Synthetic images for one class from its real training images (img2img) with the adapted model."""
-
-    params = load_or_exit(params_path)
-    params.class_config(cls)
-    if generation_resolution(params) < params.model.resolution:
-        click.echo(f"warning: generate.resolution {params.generate.resolution} is below model.resolution "
-                   f"{params.model.resolution}: images lose detail (set generate.resolution: null)", err=True)
-    torch.manual_seed(params.seed)
-    summary = generate_class(params, cls, processed, adapters / cls, out / cls, search_dir / f"{cls}.json")
-    s = summary["settings"]
-    click.echo(f"generate {cls}: {summary['images']} images ({s['mode']}, strength {s['strength']}, "
-               f"guidance {s['guidance_scale']}, steps {s['steps']}, from {summary['settings_from']}) -> {out / cls}")

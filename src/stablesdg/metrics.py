@@ -19,19 +19,21 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
-import click
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from scipy import linalg
 from torch import nn
 from tqdm import tqdm
 
-from .config import Params
-from .options import load_or_exit, params_option
-from .utils import derive_seed, pick_device, read_json, sha256_file, write_json
+from .config import MetricsConfig
+from .errors import StableSDGError
+from .utils import canonical_safetensors_header, derive_seed, pick_device, read_json, sha256_file, write_json
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_ALT_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for the same weights
@@ -39,19 +41,18 @@ INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2
 PYTORCH_FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 INCEPTION_SIZE = 299
 SURFACE_SIZE = 128
-FEATURE_DIR = Path("models/feature_net")
 SURFACE_NET_DIR = Path(__file__).parent / "assets" / "feature_net"
 SURFACE_FILE, NET_RECORD = "feature_net.safetensors", "feature_net.json"
 PREPROCESS_VERSION = "rgb-float01-bilinear-v1"  # part of every fingerprint: a change invalidates the cache
 
-ImageLike = Path | str | Image.Image
+ImageLike: TypeAlias = Path | str | Image.Image
 
 
-class MetricsError(ValueError):
+class MetricsError(StableSDGError, ValueError):
     """The image sets cannot be scored (too few images, a degenerate covariance)."""
 
 
-class FeatureWeightsError(RuntimeError):
+class FeatureWeightsError(StableSDGError, RuntimeError):
     """The feature network's weights are missing or do not fit the current data/params."""
 
 
@@ -140,7 +141,11 @@ def _pool_max(x: torch.Tensor) -> torch.Tensor:
 
 def _fid_blocks():
     """torchvision's Inception blocks with the pooling of the TF FID graph (as pytorch-fid patches them)."""
-    from torchvision.models.inception import InceptionA, InceptionC, InceptionE
+    from torchvision.models.inception import (  # lazy: only Inception needs it
+        InceptionA,
+        InceptionC,
+        InceptionE,
+    )
 
     class FIDInceptionA(InceptionA):
         def _forward(self, x):
@@ -178,7 +183,7 @@ class InceptionPool3(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from torchvision.models import Inception3
+        from torchvision.models import Inception3  # lazy: only Inception needs it
 
         a, c, e = _fid_blocks()
         net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
@@ -389,7 +394,8 @@ class Scorer:
 
     extractor: Extractor
     cache: FeatureCache | None
-    params: Params
+    metrics: MetricsConfig
+    seed: int
 
     @property
     def keys(self) -> dict[str, str]:
@@ -399,15 +405,15 @@ class Scorer:
         return featurize(self.extractor, items, self.cache, desc)
 
     def score(self, real: Sequence[ImageLike], fake: Sequence[ImageLike]) -> dict[str, float]:
-        m = self.params.metrics
+        m = self.metrics
         return fid_kid(real, fake, self.extractor, self.cache, m.kid_subset_size, m.kid_subsets,
-                       derive_seed(self.params.seed, "kid") % 2**32)
+                       derive_seed(self.seed, "kid") % 2**32)
 
     def score_features(self, real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
         """`score` on features already extracted (the search reuses them for noise and novelty)."""
-        m = self.params.metrics
+        m = self.metrics
         return scores_from_features(real, fake, self.keys, m.kid_subset_size, m.kid_subsets,
-                                    derive_seed(self.params.seed, "kid") % 2**32)
+                                    derive_seed(self.seed, "kid") % 2**32)
 
 
 # --------------------------------------------------------------------------------------- noise, novelty
@@ -436,13 +442,11 @@ def novelty(fake: np.ndarray, heldout: np.ndarray, train: np.ndarray) -> float:
     return float(np.median(nearest_distances(fake, train)[0]) / max(reference, 1e-12))
 
 
-DEGRADATIONS = {"noise": [0, 6, 12, 24, 48], "blur": [0, 0.75, 1.5, 3, 6]}
+DEGRADATIONS: dict[str, list[float]] = {"noise": [0, 6, 12, 24, 48], "blur": [0, 0.75, 1.5, 3, 6]}
 
 
 def degrade(img: Image.Image, kind: str, level: float, seed: int) -> Image.Image:
     """Gaussian pixel noise (sigma in grey levels) or Gaussian blur (radius in px) on a grey image."""
-    from PIL import ImageFilter
-
     img = img.convert("L")
     if not level:
         return img
@@ -457,7 +461,7 @@ def sanity_curves(scorer: Scorer, real: Sequence[ImageLike], other: Sequence[Ima
     image quality gives a small clean value and rises monotonically with each degradation."""
     fid = scorer.keys["fid"]
     others = [load_image(i) for i in other]
-    curves = {kind: [{"level": lvl, fid: scorer.score(real, [degrade(im, kind, lvl, i) for i, im in enumerate(others)])[fid]}
+    curves: dict[str, list[dict[str, float]]] = {kind: [{"level": lvl, fid: scorer.score(real, [degrade(im, kind, lvl, i) for i, im in enumerate(others)])[fid]}
                      for lvl in levels] for kind, levels in DEGRADATIONS.items()}
     monotone = {kind: all(a[fid] < b[fid] for a, b in zip(c, c[1:], strict=False)) for kind, c in curves.items()}
     return {"metric": fid, "n_real": len(real), "n_other": len(others), "real_vs_real": curves["noise"][0][fid],
@@ -549,10 +553,6 @@ def pretrain_surface_net(corpus, recipe: SurfaceNetRecipe) -> tuple[EmbeddingNet
 
 def save_surface_net(net: EmbeddingNet, out_dir: Path, record: dict) -> Path:
     """feature_net.safetensors + feature_net.json (recipe, corpus hash, fingerprint, sha256)."""
-    from safetensors.torch import save_file
-
-    from .utils import canonical_safetensors_header
-
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / SURFACE_FILE
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path),
@@ -565,9 +565,6 @@ def save_surface_net(net: EmbeddingNet, out_dir: Path, record: dict) -> Path:
 
 def load_surface_net(folder: Path = SURFACE_NET_DIR) -> EmbeddingNet:
     """The shipped surface net; refuses a file that no longer matches its record."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = folder / SURFACE_FILE
     hint = ("reinstall the package, or rebuild it with `stablesdg pretrain feature-net --corpus "
             "../shared/datasets/surface-corpus`")
@@ -588,9 +585,8 @@ def surface_extractor(net: EmbeddingNet, batch_size: int = 32, device: str = "cp
                      antialias=True, batch_size=batch_size, device=device)
 
 
-def load_extractor(params: Params) -> Extractor:
+def load_extractor(m: MetricsConfig) -> Extractor:
     """The network `metrics.feature_net` names, ready to featurise."""
-    m = params.metrics
     device = pick_device("auto")
     if m.feature_net == "inception":
         model, _ = load_inception(m.inception_weights)
@@ -599,45 +595,22 @@ def load_extractor(params: Params) -> Extractor:
     return surface_extractor(load_surface_net(), m.batch_size, device)
 
 
-def load_scorer(params: Params, use_cache: bool = True) -> Scorer:
-    cache = FeatureCache(Path(params.metrics.cache_dir)) if use_cache else None
-    return Scorer(load_extractor(params), cache, params)
+def load_scorer(m: MetricsConfig, seed: int, use_cache: bool = True) -> Scorer:
+    cache = FeatureCache(Path(m.cache_dir)) if use_cache else None
+    return Scorer(load_extractor(m), cache, m, seed)
 
 
-# --------------------------------------------------------------------------------------- command
-def prepare_feature_net(params: Params, out_dir: Path) -> dict:
-    """Record which feature network (and which weights file) every FID/KID of this run uses."""
-    if params.metrics.feature_net == "surface":
+# --------------------------------------------------------------------------------------- the features record
+def feature_net_record(m: MetricsConfig) -> dict:
+    """Which feature network (and which weights file) every FID/KID of this run uses."""
+    if m.feature_net == "surface":
         net = load_surface_net()
         shipped = read_json(SURFACE_NET_DIR / NET_RECORD)
-        record = {"feature_net": "surface", "weights": f"stablesdg/assets/feature_net/{SURFACE_FILE}",
-                  "weights_sha256": shipped["sha256"], "corpus": shipped["corpus"],
-                  "corpus_manifest_sha256": shipped["corpus_manifest_sha256"],
-                  "heldout_accuracy": shipped["heldout_accuracy"],
-                  "fingerprint": state_fingerprint(net, "surface", SURFACE_SIZE)}
-    else:
-        model, path = load_inception(params.metrics.inception_weights)
-        record = {"feature_net": "inception", "weights": str(path), "weights_sha256": sha256_file(path),
-                  "fingerprint": state_fingerprint(model, "inception", INCEPTION_SIZE)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / NET_RECORD, record)
-    return record
-
-
-@click.command("features")
-@params_option
-@click.option("--out", default=str(FEATURE_DIR), show_default=True, type=click.Path(path_type=Path))
-def features_command(params_path: str, out: Path) -> None:
-    """Check the FID/KID feature network's weights and record which one this run uses."""
-    from . import tracking
-
-    params = load_or_exit(params_path)
-    try:
-        with tracking.stage_run("features", params, inputs=[]):
-            import mlflow
-
-            record = prepare_feature_net(params, out)
-            mlflow.log_artifact(str(out / NET_RECORD))
-    except FeatureWeightsError as err:
-        raise click.ClickException(str(err)) from None
-    click.echo(f"features: {record['feature_net']} ({record['weights']}) -> {out / NET_RECORD}")
+        return {"feature_net": "surface", "weights": f"stablesdg/assets/feature_net/{SURFACE_FILE}",
+                "weights_sha256": shipped["sha256"], "corpus": shipped["corpus"],
+                "corpus_manifest_sha256": shipped["corpus_manifest_sha256"],
+                "heldout_accuracy": shipped["heldout_accuracy"],
+                "fingerprint": state_fingerprint(net, "surface", SURFACE_SIZE)}
+    model, path = load_inception(m.inception_weights)
+    return {"feature_net": "inception", "weights": str(path), "weights_sha256": sha256_file(path),
+            "fingerprint": state_fingerprint(model, "inception", INCEPTION_SIZE)}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -38,15 +37,6 @@ class PreprocessSpec:
         d["input_size"] = tuple(d["input_size"])
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> PreprocessSpec:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
     def onnx_metadata(self) -> dict[str, str]:
         """The preprocessing keys of the ONNX `metadata_props` contract (strings, JSON where structured)."""
         return {
@@ -69,12 +59,3 @@ def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
     return (x - mean) / std
-
-
-def preprocess_batch(paths: list[Path], spec: PreprocessSpec) -> np.ndarray:
-    arrays = []
-    for path in paths:
-        with Image.open(path) as img:
-            img.load()
-            arrays.append(preprocess_image(img, spec))
-    return np.stack(arrays)

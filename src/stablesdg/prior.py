@@ -28,10 +28,12 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from .corpus import CorpusError, FolderCorpus
-from .utils import derive_seed, sha256_file, write_json
+from .data import IMAGE_EXTENSIONS
+from .diffusion import EMBEDDED_PRIOR, TinyConfig, build_tiny_pipeline
+from .utils import derive_seed, pick_device, sha256_file, write_json
+from .viz import image_grid
 
 CORPUS_VERSION = "textures-v1"
-EMBEDDED_PRIOR = Path(__file__).parent / "assets" / "prior"
 
 
 # --------------------------------------------------------------------------------------- corpus
@@ -266,8 +268,6 @@ def view_batches(corpus, seed: int, count: int, crop: int, workers: int):
 
 def build_prior(recipe: PriorRecipe):
     """Untrained pipeline with the recipe's sizes (same builder as the `tiny` model, larger config)."""
-    from .diffusion import TinyConfig, build_tiny_pipeline
-
     return build_tiny_pipeline(TinyConfig(
         seed=recipe.seed, resolution=recipe.resolution, unet_channels=recipe.unet_channels,
         vae_channels=recipe.vae_channels, text_hidden=recipe.text_hidden, text_layers=recipe.text_layers,
@@ -526,8 +526,6 @@ def prior_group() -> None:
 @click.option("--device", default="auto", show_default=True)
 def pretrain_command(corpus: Path | None, out: Path, device: str, **recipe_fields) -> None:
     """Pretrain the prior on an image corpus (CPU: about an hour; GPU: minutes)."""
-    from .utils import pick_device
-
     recipe = PriorRecipe(**recipe_fields, device=pick_device(device))
     try:
         record = pretrain(recipe, out, corpus)
@@ -555,9 +553,6 @@ def verify_command(folder: Path) -> None:
 def reconstruct_command(images: Path, folder: Path, limit: int, out: Path) -> None:
     """VAE reconstruction PSNR/SSIM on real images at the prior's resolution, per class, with a grid."""
     from diffusers import AutoencoderKL
-
-    from .data import IMAGE_EXTENSIONS
-    from .viz import image_grid
 
     paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:

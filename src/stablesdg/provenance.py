@@ -16,19 +16,19 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import click
-import numpy as np
+import yaml
 
+from .errors import StableSDGError
 from .utils import read_json, sha256_file, sha256_tree
 
-if TYPE_CHECKING:
-    from torch import nn
-
-PRIOR_RECIPE = Path(__file__).parent / "assets" / "prior" / "recipe.json"  # prior.EMBEDDED_PRIOR (no torch here)
+PRIOR_RECIPE = Path(__file__).parent / "assets" / "prior" / "recipe.json"  # diffusion.EMBEDDED_PRIOR (no torch)
 ADAPTERS_DIR = Path("models/adapters")
 UNKNOWN = "unknown"
+
+
+class ProvenanceError(StableSDGError, ValueError):
+    """A provenance input is unusable (not a readable ONNX model, a malformed adapter record)."""
 
 # Copied from the version tags into the ONNX metadata (same names on both sides).
 VERSION_KEYS = ("git_commit", "git_dirty", "data_hash", "synthetic_hash", "prior_recipe_sha256", "adapter_sha256",
@@ -41,6 +41,20 @@ PROVENANCE_KEYS = (*VERSION_KEYS, *EXPORT_KEYS)  # deploy/src/stablesdg_line/con
 
 
 # --------------------------------------------------------------------------------------- gathering
+def dvc_hash(path: str | Path, lock_file: str | Path = "dvc.lock") -> str | None:
+    """The md5 DVC recorded for `path` as a stage output or dependency in dvc.lock (None if not there)."""
+    lock = Path(lock_file)
+    if not lock.exists():
+        return None
+    wanted = Path(path).as_posix().rstrip("/")
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for stage in stages.values():
+        for entry in stage.get("outs", []) + stage.get("deps", []):
+            if entry.get("path", "").rstrip("/") == wanted and entry.get("md5"):
+                return entry["md5"]
+    return None
+
+
 def labelled_hash(tags: Mapping[str, str], path: str | Path) -> str:
     """`dvc-md5:` / `sha256:` hash of `path` from data tags (`tracking.data_tags`); `unknown` if neither."""
     wanted = Path(path).as_posix()
@@ -59,7 +73,7 @@ def adapter_hashes(adapters_dir: str | Path = ADAPTERS_DIR) -> dict[str, dict[st
     for record in sorted(Path(adapters_dir).glob("*/adapter.json")):
         hashes = read_json(record).get("sha256")
         if not isinstance(hashes, dict):
-            raise click.ClickException(f"{record}: field 'sha256' must map file names to sha256, got {hashes!r}")
+            raise ProvenanceError(f"{record}: field 'sha256' must map file names to sha256, got {hashes!r}")
         out[record.parent.name] = hashes
     return out
 
@@ -143,7 +157,7 @@ class Check:
     detail: str
 
 
-def _compare(name: str, recorded: str, actual: str | None, where: str) -> Check:
+def compare(name: str, recorded: str, actual: str | None, where: str) -> Check:
     if recorded in ("", UNKNOWN):
         return Check(name, "MISMATCH", "not recorded in the model file")
     if actual is None:
@@ -167,17 +181,15 @@ def check_commit(meta: Mapping[str, str], repo: Path) -> Check:
 
 def check_data(name: str, recorded: str, path: Path, lock: Path) -> Check:
     """A `dvc-md5:` hash against dvc.lock; a `sha256:` hash against the folder's content, when it is here."""
-    from .tracking import dvc_hash
-
     kind, _, value = recorded.partition(":")
     if kind == "dvc-md5":
-        return _compare(name, recorded, f"dvc-md5:{dvc_hash(path, lock)}" if dvc_hash(path, lock) else None,
+        return compare(name, recorded, f"dvc-md5:{dvc_hash(path, lock)}" if dvc_hash(path, lock) else None,
                         f"{lock.name} ({path.as_posix()})")
     if kind == "sha256":
         if not path.exists():
             return Check(name, "SKIP", f"{recorded} recorded; {path} is not in this workspace (dvc pull)")
-        return _compare(name, recorded, f"sha256:{sha256_tree(path)}", f"content of {path}")
-    return _compare(name, recorded, None, lock.name)
+        return compare(name, recorded, f"sha256:{sha256_tree(path)}", f"content of {path}")
+    return compare(name, recorded, None, lock.name)
 
 
 def check_adapters(meta: Mapping[str, str], adapters_dir: Path) -> Check:
@@ -194,90 +206,11 @@ def check_adapters(meta: Mapping[str, str], adapters_dir: Path) -> Check:
     return Check("adapters", "OK", f"{len(here)} classes match {adapters_dir}/<class>/adapter.json")
 
 
-def check_registry(meta: Mapping[str, str], onnx_path: Path, atol: float = 1e-3, rtol: float = 1e-3) -> list[Check]:
-    """The MLflow version: same run, same weights (state_dict hash), and the ONNX graph computes the same
-    logits as the registered torch model on a fixed seeded input (a copied metadata block cannot pass)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from . import registry
-    from .export import onnx_logits, session, weights_sha256
-
-    name, version = meta.get("model_name", UNKNOWN), meta.get("model_version", UNKNOWN)
-    label = f"{name} v{version}"
-    try:
-        mv = registry.client().get_model_version(name, version)
-        model = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu").eval()
-    except MlflowException as err:
-        return [Check("mlflow version", "MISMATCH", f"{label} not found in the registry: {err.message[:200]}")]
-    checks = [_compare("mlflow run id", meta.get("mlflow_run_id", UNKNOWN), mv.run_id, f"registry {label}"),
-              _compare("weights", meta.get("weights_sha256", UNKNOWN), weights_sha256(model), f"registry {label}")]
-    if meta.get("quantized") == "true":
-        checks.append(Check("logits", "SKIP", "int8 model: its logits differ from fp32 by design"))
-        return checks
-    checks.append(_logits_check(model, onnx_path, onnx_logits, session, atol, rtol, label))
-    return checks
-
-
-def _logits_check(model: nn.Module, onnx_path: Path, onnx_logits, session, atol: float, rtol: float,
-                  label: str) -> Check:
-    from .classifier import predict_logits
-
-    sess = session(onnx_path)
-    x = np.random.default_rng(0).normal(size=(4, *sess.get_inputs()[0].shape[1:])).astype(np.float32)
-    expected, got = predict_logits(model, x), onnx_logits(sess, x)
-    diff = float(np.abs(expected - got).max())
-    if not np.allclose(got, expected, atol=atol, rtol=rtol):
-        return Check("logits", "MISMATCH", f"ONNX vs registry {label} on a fixed input: max |diff| {diff:.3g}")
-    return Check("logits", "OK", f"ONNX = registry {label} on a fixed input (max |diff| {diff:.2g})")
-
-
 def read_metadata(onnx_path: Path) -> dict[str, str]:
-    import onnx
+    import onnx  # lazy: `stablesdg provenance` and the registry tags need no onnx otherwise
 
     try:
         proto = onnx.load_model(str(onnx_path), load_external_data=False)
     except Exception as err:  # noqa: BLE001 - onnx raises DecodeError, OSError, ...: all mean "not a model"
-        raise click.ClickException(f"{onnx_path}: not a readable ONNX model ({err})") from None
+        raise ProvenanceError(f"{onnx_path}: not a readable ONNX model ({err})") from None
     return {p.key: p.value for p in proto.metadata_props}
-
-
-def run_checks(onnx_path: Path, repo: Path, processed: Path, synthetic: Path, adapters_dir: Path,
-               lock: Path, registry_check: bool = True) -> list[Check]:
-    meta = read_metadata(onnx_path)
-    checks = [check_commit(meta, repo),
-              check_data("data_hash", meta.get("data_hash", UNKNOWN), processed, lock),
-              check_data("synthetic_hash", meta.get("synthetic_hash", UNKNOWN), synthetic, lock),
-              _compare("prior recipe", meta.get("prior_recipe_sha256", UNKNOWN), prior_recipe_sha256(),
-                       "embedded prior recipe.json"),
-              check_adapters(meta, adapters_dir)]
-    if registry_check:
-        checks += check_registry(meta, onnx_path)
-    return checks
-
-
-@click.command("provenance")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
-@click.option("--synthetic", default="data/synthetic", show_default=True, type=click.Path(path_type=Path))
-@click.option("--adapters", default=str(ADAPTERS_DIR), show_default=True, type=click.Path(path_type=Path))
-@click.option("--lock", default="dvc.lock", show_default=True, type=click.Path(path_type=Path))
-@click.option("--no-registry", is_flag=True, help="Skip the MLflow checks (no store reachable).")
-def provenance_command(model: Path, processed: Path, synthetic: Path, adapters: Path, lock: Path,
-                       no_registry: bool) -> None:
-    """Check MODEL.onnx against this repository: commit, DVC hashes, prior, adapters, MLflow weights.
-
-    Prints each check as OK / MISMATCH (SKIP: the evidence is not in this workspace); exit 1 on any mismatch.
-    """
-    from .tracking import use_store
-
-    if not no_registry:
-        use_store()
-    checks = run_checks(model, Path("."), processed, synthetic, adapters, lock, registry_check=not no_registry)
-    for c in checks:
-        click.echo(f"{c.status:<9} {c.name:<15} {c.detail}")
-    bad = [c.name for c in checks if c.status == "MISMATCH"]
-    if bad:
-        click.echo(f"provenance: {len(bad)} mismatch(es): {', '.join(bad)}", err=True)
-        raise SystemExit(1)
-    click.echo(f"provenance: {model} matches this repository")

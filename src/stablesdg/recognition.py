@@ -1,9 +1,11 @@
 """Recognition table: does synthetic data help, above the classifier's own augmentation, over seeds?
 
 For each backbone initialisation (from scratch, and from the surface-pretrained weights when given) and each
-seed, three classifiers are trained on the same real splits and scored on the same real test set:
-real only without augmentation, real only with the classifier's augmentation (the baseline the gain is measured
-against), and real + synthetic with that augmentation. Gains are paired by seed: mean and sample std.
+seed, three classifiers are trained on the same real splits, all with the classifier's own augmentation, and scored
+on the same real test set: real only (the pipeline's baseline), real only repeated to the size of real + synthetic
+(as many optimizer steps as the synthetic arm: an epoch over 60 real images is 2 steps, over 360 images 12, so
+without it part of a "gain" would be extra training), and real + synthetic. Gains are paired by seed: mean and
+sample std, against both real-only arms.
 """
 
 from __future__ import annotations
@@ -14,16 +16,23 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 
-from .classifier import GAIN_METRICS, Splits, combine, evaluate, load_splits, train_classifier
+try:  # MLflow is optional here: `--no-track` runs where it is not installed (a lent GPU machine)
+    import mlflow
+
+    from . import tracking
+except ImportError:  # pragma: no cover - exercised on such a machine only
+    mlflow = tracking = None  # type: ignore[assignment]
+from .classifier import GAIN_METRICS, ImageSet, Splits, combine, evaluate, load_splits, train_classifier
 from .config import ClassifierConfig, Params
-from .options import load_or_exit, params_option
-from .utils import write_json
+from .stages.common import load_or_exit, params_option
+from .utils import pick_device, write_json
 
-ARMS = (
-    ("real_noaug", "real only, no augmentation", False, False),
-    ("real", "real only, with augmentation (baseline)", True, False),
-    ("real_synthetic", "real + synthetic, with augmentation", True, True),
+ARMS = (  # (name, label, training set)
+    ("real", "real only", "real"),
+    ("real_equal_steps", "real only, as many steps as real + synthetic", "repeated"),
+    ("real_synthetic", "real + synthetic", "real+synthetic"),
 )
 
 
@@ -41,15 +50,26 @@ def _stats(values: list[float]) -> dict:
             "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
 
 
+def repeated(images: ImageSet, size: int) -> ImageSet:
+    """`images` repeated in order up to `size` (each copy is augmented afresh in training)."""
+    idx = torch.arange(size) % len(images)
+    return ImageSet(images.x[idx], images.y[idx], [images.paths[i] for i in idx.tolist()])
+
+
+def training_set(splits: Splits, which: str) -> ImageSet:
+    with_synthetic = combine(splits.train, splits.synthetic)
+    return {"real": splits.train, "repeated": repeated(splits.train, len(with_synthetic)),
+            "real+synthetic": with_synthetic}[which]
+
+
 def run_arms(splits: Splits, cfg: ClassifierConfig, seeds: list[int]) -> dict:
     """Every arm at every seed: test accuracy / macro-F1, and the paired gains of real + synthetic."""
     if splits.synthetic is None:
         raise click.ClickException(f"no synthetic images: {splits.skip_reason}")
     scores: dict[str, dict[str, list[float]]] = {a: {m: [] for m in GAIN_METRICS} for a, *_ in ARMS}
     for seed in seeds:
-        for arm, _, augment, synthetic in ARMS:
-            train = combine(splits.train, splits.synthetic if synthetic else None)
-            result = train_classifier(train, splits.val, splits.spec, replace(cfg, augment=augment), seed,
+        for arm, _, which in ARMS:
+            result = train_classifier(training_set(splits, which), splits.val, splits.spec, cfg, seed,
                                       desc=f"{arm} seed {seed}")
             evaluation = evaluate(result.model, splits.test, len(splits.spec.class_names))
             for m in GAIN_METRICS:
@@ -57,8 +77,14 @@ def run_arms(splits: Splits, cfg: ClassifierConfig, seeds: list[int]) -> dict:
     out: dict = {arm: {m: _stats(v) for m, v in per.items()} for arm, per in scores.items()}
     for m in GAIN_METRICS:
         out[f"gain_{m}"] = _stats(list(np.subtract(scores["real_synthetic"][m], scores["real"][m])))
-        out[f"gain_over_noaug_{m}"] = _stats(list(np.subtract(scores["real_synthetic"][m], scores["real_noaug"][m])))
+        out[f"gain_equal_steps_{m}"] = _stats(list(np.subtract(scores["real_synthetic"][m],
+                                                                scores["real_equal_steps"][m])))
     return out
+
+
+def _gain_cell(gain: dict) -> str:
+    ratio = gain["mean"] / gain["std"] if gain["std"] > 0 else float("inf")
+    return f"{gain['mean'] * 100:+.1f} ± {gain['std'] * 100:.1f} pt ({ratio:.1f} σ)"
 
 
 def markdown(result: dict) -> str:
@@ -66,14 +92,12 @@ def markdown(result: dict) -> str:
     lines = [f"# Recognition: test macro-F1, mean ± std over {len(result['seeds'])} seeds "
              f"(k = {result['k_shot']}, {result['n_test']} test images, backbone {result['backbone']})", "",
              "| initialisation | " + " | ".join(label for _, label, *_ in ARMS)
-             + " | gain (synthetic − baseline) | gain / std |",
+             + " | gain over real only | gain over equal steps |",
              "|---|" + "---:|" * (len(ARMS) + 2)]
     for init, rec in result["inits"].items():
         cells = [f"{rec[a]['macro_f1']['mean']:.3f} ± {rec[a]['macro_f1']['std']:.3f}" for a, *_ in ARMS]
-        g = rec["gain_macro_f1"]
-        ratio = g["mean"] / g["std"] if g["std"] > 0 else float("inf")
-        lines.append(f"| {init} | {' | '.join(cells)} | {g['mean'] * 100:+.1f} ± {g['std'] * 100:.1f} pt | "
-                     f"{ratio:.1f} |")
+        gains = [_gain_cell(rec[key]) for key in ("gain_macro_f1", "gain_equal_steps_macro_f1")]
+        lines.append(f"| {init} | {' | '.join(cells)} | {' | '.join(gains)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -85,8 +109,13 @@ def recognition(params: Params, processed: Path, synthetic: Path, seeds: int, we
     return {"backbone": params.classifier.backbone, "k_shot": params.data.k_shot, "seeds": seed_list,
             "n_train_real": len(splits.train), "n_train_synthetic": len(splits.synthetic or []),
             "n_test": len(splits.test), "test_set_sha256": splits.test_hash,
-            "weights": str(weights) if weights else None, "inits": inits,
+            "weights": str(weights) if weights else None, "inits": inits, "device": _device_name(params),
             "seconds": round(time.time() - started, 1)}
+
+
+def _device_name(params: Params) -> str:
+    device = pick_device(params.classifier.device)
+    return torch.cuda.get_device_name() if device.startswith("cuda") else device
 
 
 @click.command("recognition")
@@ -97,20 +126,28 @@ def recognition(params: Params, processed: Path, synthetic: Path, seeds: int, we
 @click.option("--weights", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="surface-pretrained backbone (`stablesdg pretrain backbone`) to compare with from-scratch")
 @click.option("--out", default="reports/recognition", show_default=True, type=click.Path(path_type=Path))
+@click.option("--track/--no-track", default=True, show_default=True,
+              help="record an MLflow run (--no-track: only the report files, e.g. on a machine without MLflow)")
 def recognition_command(params_path: str, processed: Path, synthetic: Path, seeds: int, weights: Path | None,
-                        out: Path) -> None:
-    """Real only (without / with augmentation) vs real + synthetic, over seeds and backbone initialisations."""
-    from . import tracking
-
+                        out: Path, track: bool) -> None:
+    """Real only (as is / repeated to equal steps) vs real + synthetic, over seeds and backbone initialisations."""
     params = load_or_exit(params_path)
+    if not track:
+        write_report(recognition(params, processed, synthetic, seeds, weights), out)
+        return
+    if tracking is None:
+        raise click.ClickException("MLflow is not installed here: run with --no-track")
     with tracking.stage_run("recognition", params, inputs=[processed, synthetic]):
-        import mlflow
-
         result = recognition(params, processed, synthetic, seeds, weights)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "recognition.json", result)
-        (out / "recognition.md").write_text(markdown(result))
+        write_report(result, out)
         mlflow.log_metrics({f"{init}_{k}_{s}": rec[k][s] for init, rec in result["inits"].items()
-                            for k in ("gain_macro_f1", "gain_accuracy") for s in ("mean", "std")})
+                            for k in ("gain_macro_f1", "gain_equal_steps_macro_f1", "gain_accuracy")
+                            for s in ("mean", "std")})
         mlflow.log_artifact(str(out / "recognition.md"))
+
+
+def write_report(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "recognition.json", result)
+    (out / "recognition.md").write_text(markdown(result))
     click.echo((out / "recognition.md").read_text())

@@ -6,30 +6,36 @@ as MLflow runs, so the baseline is always one click away, and the version's tags
 gain. The new version takes `champion` only when it beats the current champion on the same test set (the
 champion is re-evaluated when its test-set hash differs); otherwise it is `challenger`. Nothing is ever
 deleted: promotions and rollbacks move aliases and record their reason as tags.
+
+The registry receives what it needs as arguments (names, the classifier section, the test set with a function
+that scores a model on it, the evidence paths): it imports neither the classifier nor a stage. Its commands
+(`stablesdg registry ...`) live in `commands/registry.py`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from .card import CARD_FILE, CARD_TAG, CardInputs, fid_per_class
 from .card import render as render_card
-from .config import Params
-from .options import load_or_exit, params_option
+from .config import ClassifierConfig
+from .errors import RegistryError
 from .preprocess import PreprocessSpec
+from .provenance import registration_tags
+from .tracking import tracking_uri, use_store
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-    from .classifier import Splits, VariantResult
+    from .classifier import VariantResult
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 
@@ -50,18 +56,32 @@ class Registration:
         return asdict(self)
 
 
+@dataclass
+class ComparisonSet:
+    """The test set a training run was evaluated on, as the registry compares the champion on it."""
+
+    sha256: str
+    spec: PreprocessSpec
+    score: Callable[[Any, PreprocessSpec, str], float]  # (model, the model's spec, metric) -> metric here
+
+
+@dataclass
+class Evidence:
+    """Where the registered version's evidence lies (hashed into its tags, shown on its model card)."""
+
+    processed: Path
+    synthetic: Path = Path("data/synthetic")
+    fid_file: Path | None = None
+    fid_report: Path | None = None
+    grids_dir: Path | None = None
+
+
 # --------------------------------------------------------------------------------------- helpers
 def client() -> MlflowClient:
-    from mlflow import MlflowClient
-
-    from .tracking import use_store
-
     return MlflowClient(*use_store())
 
 
 def alias_version(mlflow_client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    from mlflow.exceptions import MlflowException
-
     try:
         return mlflow_client.get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -70,8 +90,6 @@ def alias_version(mlflow_client: MlflowClient, name: str, alias: str) -> ModelVe
 
 def load_run_spec(run_id: str) -> PreprocessSpec:
     """The PreprocessSpec a run logged as `preprocess.json` (the model's input contract)."""
-    import mlflow
-
     return PreprocessSpec.from_dict(mlflow.artifacts.load_dict(f"runs:/{run_id}/preprocess.json"))
 
 
@@ -88,24 +106,18 @@ def choose_best(results: Sequence[VariantResult], metric: str) -> VariantResult:
     return best
 
 
-def champion_score(mlflow_client: MlflowClient, champion: ModelVersion, splits: Splits,
-                   metric: str) -> tuple[float | None, str]:
+def champion_score(champion: ModelVersion, test: ComparisonSet, metric: str) -> tuple[float | None, str]:
     """The champion's primary metric on the CURRENT test set: from its tag when the test set is the same,
     otherwise by loading the champion and re-evaluating it here."""
-    import mlflow
-
-    from .classifier import evaluate, load_images
-
     tag = champion.tags.get(f"test_{metric}")
-    if champion.tags.get("test_set_sha256") == splits.test_hash and tag is not None:
+    if champion.tags.get("test_set_sha256") == test.sha256 and tag is not None:
         return float(tag), "same test set (test_set_sha256 tags match)"
     spec = load_run_spec(champion.run_id)
-    if spec.class_names != splits.spec.class_names:
+    if spec.class_names != test.spec.class_names:
         return None, (f"champion v{champion.version} predicts classes {spec.class_names}, this test set has "
-                      f"{splits.spec.class_names}: not comparable, promote manually if intended")
+                      f"{test.spec.class_names}: not comparable, promote manually if intended")
     model = mlflow.pytorch.load_model(f"models:/{champion.name}/{champion.version}", map_location="cpu")
-    test = splits.test if spec == splits.spec else load_images(splits.test.paths, splits.test.y.tolist(), spec)
-    value = evaluate(model, test, len(spec.class_names)).metric(metric)
+    value = test.score(model, spec, metric)
     return value, f"champion v{champion.version} re-evaluated on the current test set (its own was different)"
 
 
@@ -120,14 +132,12 @@ def decide(value: float, champion: ModelVersion | None, champion_value: float | 
 
 
 # --------------------------------------------------------------------------------------- registration
-def version_tags(best: VariantResult, params: Params, splits: Splits, gain: dict | None,
-                 fid_file: Path | None, run_tags: dict[str, str], repeats: dict | None = None,
-                 synthetic_dir: Path = Path("data/synthetic"), fid_report: Path | None = None) -> dict[str, str]:
-    from .provenance import registration_tags
-
-    metric = params.classifier.primary_metric
+def version_tags(best: VariantResult, cfg: ClassifierConfig, gain: dict | None, run_tags: dict[str, str],
+                 evidence: Evidence, repeats: dict | None = None) -> dict[str, str]:
+    metric = cfg.primary_metric
     tags = {k: v for k, v in run_tags.items() if k.startswith(("dvc_hash.", "data_sha256."))}
-    tags.update(registration_tags(run_tags, splits.root, synthetic_dir, gain, repeats, fid_file, fid_report))
+    tags.update(registration_tags(run_tags, evidence.processed, evidence.synthetic, gain, repeats,
+                                  evidence.fid_file, evidence.fid_report))
     tags.update({
         "variant": best.variant,
         "test_set_sha256": best.test_hash,
@@ -138,8 +148,8 @@ def version_tags(best: VariantResult, params: Params, splits: Splits, gain: dict
         "test_macro_f1": repr(float(best.evaluation.macro_f1)),
         "gain_accuracy": "n/a" if gain is None else f"{gain['accuracy']:+.6f}",
         "gain_macro_f1": "n/a" if gain is None else f"{gain['macro_f1']:+.6f}",
-        "backbone": params.classifier.backbone,
-        "input_size": str(params.classifier.input_size),
+        "backbone": cfg.backbone,
+        "input_size": str(cfg.input_size),
         "n_train_real": str(best.n_train_real),
         "n_train_synthetic": str(best.n_train_synthetic),
     })
@@ -147,8 +157,6 @@ def version_tags(best: VariantResult, params: Params, splits: Splits, gain: dict
 
 
 def _artifact_link(run_id: str, experiment_id: str, path: str = "") -> str:
-    from .tracking import tracking_uri
-
     uri = tracking_uri()
     if uri.startswith("http"):
         suffix = f"/artifacts/{path}" if path else ""
@@ -191,36 +199,33 @@ def describe(version: str, best: VariantResult, results: Sequence[VariantResult]
     return "\n".join(lines)
 
 
-def register_best(params: Params, results: Sequence[VariantResult], splits: Splits, gain: dict | None,
-                  fid_file: Path | None, parent_run_id: str, repeats: dict | None = None,
-                  synthetic_dir: Path = Path("data/synthetic"), fid_report: Path | None = None,
-                  grids_dir: Path | None = None) -> Registration:
-    """Register the better variant as a new version, log its model card, give it `champion` or `challenger`."""
-    import mlflow
-
+def register_best(name: str, cfg: ClassifierConfig, results: Sequence[VariantResult], test: ComparisonSet,
+                  gain: dict | None, parent_run_id: str, evidence: Evidence,
+                  repeats: dict | None = None) -> Registration:
+    """Register the better variant as registered model `name`'s new version, log its model card, give it
+    `champion` or `challenger`."""
     mlflow_client = client()
-    name, metric = params.tracking.registered_model, params.classifier.primary_metric
+    metric = cfg.primary_metric
     best = choose_best(results, metric)
     value = best.evaluation.metric(metric)
     champion = alias_version(mlflow_client, name, CHAMPION)
-    champion_value, why = champion_score(mlflow_client, champion, splits, metric) if champion else (None, "")
+    champion_value, why = champion_score(champion, test, metric) if champion else (None, "")
     alias, reason = decide(value, champion, champion_value, why, metric)
     run = mlflow_client.get_run(best.run_id)
     parent_tags = mlflow_client.get_run(parent_run_id).data.tags
-    tags = version_tags(best, params, splits, gain, fid_file, {**parent_tags, **run.data.tags}, repeats,
-                        synthetic_dir, fid_report)
-    if champion_value is not None:
+    tags = version_tags(best, cfg, gain, {**parent_tags, **run.data.tags}, evidence, repeats)
+    if champion is not None and champion_value is not None:
         tags[f"champion_v{champion.version}_{metric}_on_this_test_set"] = f"{champion_value:.6f}"
     tags["registration_decision"] = f"{alias}: {reason}"[:5000]
     mv = mlflow.register_model(best.model_uri, name, tags=tags)
     registration = Registration(name, str(mv.version), alias, best.variant, reason, metric, value,
                                 str(champion.version) if champion else None, champion_value)
-    card = CardInputs(registration, results, splits.spec.class_names, tags, repeats, fid_per_class(fid_report),
-                      grids_dir)
+    card = CardInputs(registration, results, test.spec.class_names, tags, repeats,
+                      fid_per_class(evidence.fid_report), evidence.grids_dir)
     mlflow_client.log_text(best.run_id, render_card(card), CARD_FILE)
     mlflow_client.set_model_version_tag(name, mv.version, CARD_TAG, CARD_FILE)
     mlflow_client.update_model_version(name, mv.version, describe(
-        str(mv.version), best, results, registration, tags, splits.spec.class_names, run.info.experiment_id))
+        str(mv.version), best, results, registration, tags, test.spec.class_names, run.info.experiment_id))
     if alias == CHAMPION and champion is not None:
         mlflow_client.set_registered_model_alias(name, PREVIOUS, champion.version)
     mlflow_client.set_registered_model_alias(name, alias, mv.version)
@@ -256,10 +261,10 @@ def promote(mlflow_client: MlflowClient, name: str, version: str, reason: str, f
     mv = mlflow_client.get_model_version(name, version)  # raises for an unknown version
     old = alias_version(mlflow_client, name, CHAMPION)
     if old is not None and str(old.version) == str(version):
-        raise click.ClickException(f"{name} v{version} is already the champion")
+        raise RegistryError(f"{name} v{version} is already the champion")
     objections = promotion_objections(mlflow_client, mv, old)
     if objections and not force:
-        raise click.ClickException(f"refusing to promote {name} v{version}: " + "; ".join(objections)
+        raise RegistryError(f"refusing to promote {name} v{version}: " + "; ".join(objections)
                                    + ". Pass --force --reason '...' to override (the reason is recorded).")
     if objections:
         mlflow_client.set_model_version_tag(name, version, "forced_promotion",
@@ -280,14 +285,14 @@ def rollback(mlflow_client: MlflowClient, name: str, reason: str, to_version: st
     """Champion back to `previous-champion` (or `to_version`); the rolled-back one becomes previous-champion."""
     current = alias_version(mlflow_client, name, CHAMPION)
     if current is None:
-        raise click.ClickException(f"{name} has no champion to roll back")
+        raise RegistryError(f"{name} has no champion to roll back")
     if to_version is None:
         previous = alias_version(mlflow_client, name, PREVIOUS)
         if previous is None:
-            raise click.ClickException(f"{name} has no {PREVIOUS}; pass --to VERSION")
+            raise RegistryError(f"{name} has no {PREVIOUS}; pass --to VERSION")
         to_version = str(previous.version)
     if str(to_version) == str(current.version):
-        raise click.ClickException(f"{name} v{to_version} is already the champion")
+        raise RegistryError(f"{name} v{to_version} is already the champion")
     mlflow_client.get_model_version(name, to_version)
     mlflow_client.set_registered_model_alias(name, CHAMPION, to_version)
     mlflow_client.set_registered_model_alias(name, PREVIOUS, current.version)
@@ -297,6 +302,8 @@ def rollback(mlflow_client: MlflowClient, name: str, reason: str, to_version: st
 
 
 def _rounded(tag: str | None) -> str:
+    if tag is None:
+        return "?"
     try:
         return f"{float(tag):.4f}"
     except (TypeError, ValueError):
@@ -324,78 +331,3 @@ def list_versions(mlflow_client: MlflowClient, name: str) -> list[dict[str, Any]
             "run_id": mv.run_id,
         })
     return rows
-
-
-# --------------------------------------------------------------------------------------- CLI
-def _name(params_path: str, name: str | None) -> str:
-    if name:
-        return name
-
-    return load_or_exit(params_path).tracking.registered_model
-
-
-def _registry_command(fn):
-    fn = params_option(fn)
-    return click.option("--name", default=None, help="Registered model (default: tracking.registered_model).")(fn)
-
-
-@click.group("registry")
-def registry_group() -> None:
-    """Inspect the classifier registry and move the champion (promote, rollback) with a recorded reason."""
-
-
-@registry_group.command("list")
-@_registry_command
-def list_command(params_path: str, name: str | None) -> None:
-    """Versions with their test metrics and aliases."""
-    name = _name(params_path, name)
-    rows = list_versions(client(), name)
-    if not rows:
-        click.echo(f"{name}: no versions yet (run `stablesdg train`)")
-        return
-    click.echo(f"{'ver':>4}  {'aliases':<28} {'variant':<20} {'acc':>8} {'macroF1':>8} {'gainF1':>9}  test_set")
-    for r in rows:
-        click.echo(f"{r['version']:>4}  {','.join(r['aliases']) or '-':<28} {r['variant']:<20} "
-                   f"{r['test_accuracy'][:8]:>8} {r['test_macro_f1'][:8]:>8} {r['gain_macro_f1'][:9]:>9}  "
-                   f"{r['test_set']}")
-
-
-@registry_group.command("show")
-@click.argument("version")
-@_registry_command
-def show_command(version: str, params_path: str, name: str | None) -> None:
-    """One version: aliases, tags and the reviewer description."""
-    name = _name(params_path, name)
-    mv = client().get_model_version(name, version)
-    click.echo(json.dumps({"name": name, "version": mv.version, "aliases": list(mv.aliases), "run_id": mv.run_id,
-                           "source": mv.source, "tags": dict(sorted(mv.tags.items()))}, indent=2))
-    if mv.description:
-        click.echo("\n" + mv.description)
-
-
-@registry_group.command("promote")
-@click.argument("version")
-@click.option("--reason", required=True, help="Why (recorded as the version's promotion_reason tag).")
-@click.option("--force", is_flag=True,
-              help="Promote without a model card or on another test set than the champion's (tagged forced_promotion).")
-@_registry_command
-def promote_command(version: str, reason: str, force: bool, params_path: str, name: str | None) -> None:
-    """Make VERSION the champion; the old champion becomes previous-champion.
-
-    Refused for a version without a model card, or tested on another test set than the champion's, unless
-    --force (the reason is then recorded as the forced_promotion tag).
-    """
-    name = _name(params_path, name)
-    old = promote(client(), name, version, reason, force)
-    click.echo(f"{name}: v{version} is champion" + (f" (v{old} is previous-champion)" if old else ""))
-
-
-@registry_group.command("rollback")
-@click.option("--reason", required=True, help="Why (recorded as rollback_reason / rolled_back_reason tags).")
-@click.option("--to", "to_version", default=None, help="Version to restore (default: previous-champion).")
-@_registry_command
-def rollback_command(reason: str, to_version: str | None, params_path: str, name: str | None) -> None:
-    """Put the previous champion (or --to VERSION) back as champion."""
-    name = _name(params_path, name)
-    old, new = rollback(client(), name, reason, to_version)
-    click.echo(f"{name}: champion v{old} -> v{new} (v{old} is previous-champion)")

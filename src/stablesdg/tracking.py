@@ -10,9 +10,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+import mlflow
 
 from .config import Params, flatten
+from .provenance import dvc_hash
 from .utils import sha256_tree
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; a ./mlruns file store is refused
@@ -30,8 +31,6 @@ def use_store() -> tuple[str, str]:
     The registry always lives in the tracking store (the sqlite file or the server): `mlflow.set_registry_uri`
     writes MLFLOW_REGISTRY_URI into the environment, so reading that variable back would resurrect stale stores.
     """
-    import mlflow
-
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -39,8 +38,6 @@ def use_store() -> tuple[str, str]:
 
 
 def configure(experiment: str) -> None:
-    import mlflow
-
     use_store()
     mlflow.set_experiment(experiment)
 
@@ -70,20 +67,6 @@ def git_dirty(cwd: str | Path = ".") -> str:
     return "true" if out.stdout.strip() else "false"
 
 
-def dvc_hash(path: str | Path, lock_file: str | Path = "dvc.lock") -> str | None:
-    """The md5 DVC recorded for `path` as a stage output or dependency in dvc.lock (None if not there)."""
-    lock = Path(lock_file)
-    if not lock.exists():
-        return None
-    wanted = Path(path).as_posix().rstrip("/")
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    for stage in stages.values():
-        for entry in stage.get("outs", []) + stage.get("deps", []):
-            if entry.get("path", "").rstrip("/") == wanted and entry.get("md5"):
-                return entry["md5"]
-    return None
-
-
 def data_tags(paths: Sequence[str | Path]) -> dict[str, str]:
     """Tags that pin a run to its input data: DVC's md5 where dvc.lock has it, and our own content hash."""
     tags: dict[str, str] = {}
@@ -108,8 +91,6 @@ def stage_run(
     extra_tags: dict[str, Any] | None = None,
 ) -> Iterator[Any]:
     """An MLflow run for one pipeline stage with flattened params, git commit and input-data hashes."""
-    import mlflow
-
     configure(params.tracking.experiment)
     with mlflow.start_run(run_name=run_name or stage, nested=nested) as run:
         mlflow.set_tags(
@@ -125,8 +106,6 @@ def stage_run(
 
 def log_image(image: Any, artifact_file: str) -> None:
     """Log a PIL image as a PNG artifact (mlflow.log_image wants numpy or PIL; keep the name explicit)."""
-    import mlflow
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
         image.save(path)

@@ -13,7 +13,7 @@ import numpy as np
 
 
 def seed_everything(seed: int) -> None:
-    import torch
+    import torch  # lazy: `stablesdg data demo|ingest` use these helpers without loading torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -27,7 +27,7 @@ def derive_seed(*parts: Any) -> int:
 
 
 def pick_device(requested: str = "auto") -> str:
-    import torch
+    import torch  # lazy: `stablesdg data demo|ingest` use these helpers without loading torch
 
     if requested != "auto":
         return requested

@@ -41,7 +41,7 @@ def save_image(img: Image.Image, path: str | Path) -> Path:
 
 
 def confusion_matrix_image(matrix: np.ndarray, class_names: Sequence[str], title: str = "") -> Image.Image:
-    import matplotlib
+    import matplotlib  # lazy: slow to import, and the Agg backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -65,7 +65,7 @@ def confusion_matrix_image(matrix: np.ndarray, class_names: Sequence[str], title
 
 
 def line_plot(series: dict[str, Sequence[tuple[float, float]]], xlabel: str, ylabel: str, title: str = "") -> Image.Image:
-    import matplotlib
+    import matplotlib  # lazy: slow to import, and the Agg backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -15,8 +15,11 @@ from pathlib import Path
 import click
 import torch
 
-from .corpus import CorpusError, FolderCorpus
-from .utils import pick_device, sha256_file, write_json
+from ..classifier import BackbonePretrainConfig, pretrain_backbone, save_body_weights
+from ..corpus import CorpusError, FolderCorpus
+from ..metrics import SURFACE_NET_DIR, SURFACE_SIZE, SurfaceNetRecipe, pretrain_surface_net, save_surface_net
+from ..stages.common import cli_errors
+from ..utils import pick_device, sha256_file, write_json
 
 corpus_option = click.option(
     "--corpus", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -24,6 +27,7 @@ corpus_option = click.option(
 
 
 def open_corpus(path: Path, resolution: int) -> FolderCorpus:
+    """The corpus, or the loader's error as a one-line CLI error (the same as `stablesdg prior pretrain`)."""
     try:
         return FolderCorpus(path, resolution)
     except CorpusError as err:
@@ -51,11 +55,10 @@ def pretrain_group() -> None:
               help="default: models/pretrained/<backbone>_surface.safetensors")
 @click.option("--threads", default=0, help="torch intra-op threads (0: torch's default)")
 @click.option("--device", default="auto", show_default=True)
+@cli_errors
 def backbone_command(corpus: Path, backbone: str, epochs: int, input_size: int, out: Path | None,
                      threads: int, device: str) -> None:
     """Classifier backbone pretrained to tell the corpus sources apart (for classifier.weights_path)."""
-    from .classifier import BackbonePretrainConfig, pretrain_backbone, save_body_weights
-
     if threads:
         torch.set_num_threads(threads)
     out = out or Path("models/pretrained") / f"{backbone}_surface.safetensors"
@@ -80,16 +83,9 @@ def backbone_command(corpus: Path, backbone: str, epochs: int, input_size: int, 
 @click.option("--dim", default=64, show_default=True)
 @click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="default: the copy shipped in the package")
+@cli_errors
 def feature_net_command(corpus: Path, epochs: int, dim: int, out: Path | None) -> None:
     """The surface feature network for FID/KID (metrics.feature_net: surface)."""
-    from .metrics import (
-        SURFACE_NET_DIR,
-        SURFACE_SIZE,
-        SurfaceNetRecipe,
-        pretrain_surface_net,
-        save_surface_net,
-    )
-
     out = out or SURFACE_NET_DIR
     data = open_corpus(corpus, SURFACE_SIZE)
     recipe = SurfaceNetRecipe(epochs=epochs, feature_dim=dim)

@@ -14,13 +14,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
+import mlflow
 from tqdm import tqdm
 
-from .config import Params
-from .metrics import FeatureWeightsError, MetricsError, Scorer, load_scorer
-from .options import load_or_exit, params_option
-from .search import cycled, seeds_for
-from .utils import write_json
+from .. import tracking
+from ..adaptation import adapt_class
+from ..config import Params
+from ..data import class_names_in, heldout_paths, split_paths
+from ..generation import Settings, chosen_settings, load_adapted_pipeline, render
+from ..metrics import Scorer, load_scorer
+from ..search import cycled, seeds_for
+from ..stages.common import PROCESSED, SEARCH, cli_errors, load_or_exit, params_option, path_option
+from ..utils import read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -63,16 +68,11 @@ class AblationRun:
     search_dir: Path = Path("reports/search")
     adapters: Path = Path("models/adapters")
 
-    def settings(self, cls: str):
-        from .generation import chosen_settings
-
-        settings, _ = chosen_settings(self.params, self.search_dir / f"{cls}.json")
+    def settings(self, cls: str) -> Settings:
+        settings, _ = chosen_settings(self.params.generate, self.search_dir / f"{cls}.json")
         return replace(settings, steps=self.steps) if self.steps else settings
 
     def pipeline_adapters_fit(self, cls: str) -> bool:
-        from .data import split_paths
-        from .utils import read_json
-
         record_file = self.adapters / cls / "adapter.json"
         if not record_file.exists():
             return False
@@ -86,13 +86,9 @@ class AblationRun:
 
     def class_scores(self, cls: str, work: Path) -> dict[str, dict]:
         """Every variant's scores for one class; one adapted pipeline alive at a time (SD 1.5 is 4 GB)."""
-        from .data import split_paths
-
         train, real = split_paths(self.processed, cls, "train"), split_paths(self.processed, cls, self.split)
-        sources, seeds = cycled(train, self.images), seeds_for(self.params, cls, "ablation", self.images)
+        sources, seeds = cycled(train, self.images), seeds_for(self.params.seed, cls, "ablation", self.images)
         settings = self.settings(cls)
-        from .search import heldout_paths
-
         heldout = heldout_paths(self.processed, cls)[:self.images]
         out: dict[str, dict] = {"real_train": self.scorer.score(real, train),
                                 "real_heldout": self.scorer.score(real, heldout)}
@@ -107,23 +103,18 @@ class AblationRun:
     def adapted(self, cls: str, stages: tuple[str, ...], work: Path):
         """A fresh adaptation restricted to `stages` (own folder: checkpoints do not record the stages); the
         pipeline's own adapters serve the full method when they were trained with the same steps and images."""
-        from .adaptation import adapt_class
-        from .generation import load_adapted_pipeline
-
         if stages == ("embedding", "lora") and self.pipeline_adapters_fit(cls):
-            return load_adapted_pipeline(self.params, cls, self.adapters / cls)
-
+            return load_adapted_pipeline(self.params.model, cls, self.adapters / cls)
         folder = work / ("-".join(stages) or "none")
-        pipe, _ = adapt_class(self.params, cls, self.processed, folder, folder / "reports",
-                              checkpoint_root=folder / "ckpt", track=False, stages=stages)
+        pipe, _ = adapt_class(self.params, cls, self.processed, folder, checkpoint_root=folder / "ckpt",
+                              stages=stages)
         pipe.unet.eval()  # LoRA training leaves the modules in train mode
         pipe.text_encoder.eval()
         return pipe
 
 
-def _render(pipe, params: Params, cls: str, sources: list[Path], settings, seeds: list[int], mode: str):
-    from .generation import render
-
+def _render(pipe, params: Params, cls: str, sources: list[Path], settings: Settings, seeds: list[int],
+            mode: str) -> list:
     return render(pipe, params, cls, sources, settings.strength, settings.guidance_scale, settings.steps, seeds,
                   mode=mode)
 
@@ -149,7 +140,7 @@ def run_ablation(params: Params, processed: Path, classes: list[str], out_dir: P
                  search_dir: Path = Path("reports/search")) -> dict:
     """Score every variant for every class; writes ablation.json and ablation.md into out_dir."""
     params = with_adapt_steps(params, adapt_steps)
-    scorer = load_scorer(params)
+    scorer = load_scorer(params.metrics, params.seed)
     run = AblationRun(params, processed, scorer, images, split, steps, search_dir)
     with tempfile.TemporaryDirectory(prefix="stablesdg-ablation-") as tmp:
         per_class = {cls: run.class_scores(cls, Path(tmp) / cls) for cls in classes}
@@ -170,8 +161,6 @@ def run_ablation(params: Params, processed: Path, classes: list[str], out_dir: P
 
 
 def _classes(params: Params, processed: Path, wanted: str | None) -> list[str]:
-    from .data import class_names_in
-
     present = set(class_names_in(processed))
     classes = [c for c in params.class_names if c in present]
     if wanted:
@@ -188,7 +177,7 @@ def _classes(params: Params, processed: Path, wanted: str | None) -> list[str]:
 
 @click.command("ablation")
 @params_option
-@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
+@path_option("--processed", default=PROCESSED)
 @click.option("--classes", default=None, help="comma-separated classes (default: all)")
 @click.option("--images", default=16, show_default=True, type=click.IntRange(2), help="synthetic images per class")
 @click.option("--adapt-steps", default=None, type=click.IntRange(0),
@@ -196,24 +185,18 @@ def _classes(params: Params, processed: Path, wanted: str | None) -> list[str]:
 @click.option("--steps", default=None, type=click.IntRange(1), help="inference steps (default: search best)")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["val", "test"]),
               help="real held-out images to score against")
-@click.option("--search", "search_dir", default="reports/search", show_default=True, type=click.Path(path_type=Path))
-@click.option("--out", default="reports", show_default=True, type=click.Path(path_type=Path))
+@path_option("--search", "search_dir", default=SEARCH)
+@path_option("--out", default="reports")
+@cli_errors
 def ablation_command(params_path: str, processed: Path, classes: str | None, images: int, adapt_steps: int | None,
                      steps: int | None, split: str, search_dir: Path, out: Path) -> None:
     """FID of no adaptation / embedding only / LoRA only / both, and txt2img vs img2img, per class."""
-    from . import tracking
-
     params = load_or_exit(params_path)
     names = _classes(params, processed, classes)
-    try:
-        with tracking.stage_run("ablation", params, inputs=[processed / "splits"]):
-            import mlflow
-
-            result = run_ablation(params, processed, names, out, images, adapt_steps, steps, split, search_dir)
-            mlflow.log_metrics({f"{r['id']}_{k}": v for r in result["rows"] for k, v in r.items()
-                                if k not in ("id", "variant")})
-            mlflow.log_artifact(str(out / "ablation.json"))
-            mlflow.log_artifact(str(out / "ablation.md"))
-    except (FeatureWeightsError, MetricsError) as err:
-        raise click.ClickException(str(err)) from None
+    with tracking.stage_run("ablation", params, inputs=[processed / "splits"]):
+        result = run_ablation(params, processed, names, out, images, adapt_steps, steps, split, search_dir)
+        mlflow.log_metrics({f"{r['id']}_{k}": v for r in result["rows"] for k, v in r.items()
+                            if k not in ("id", "variant")})
+        mlflow.log_artifact(str(out / "ablation.json"))
+        mlflow.log_artifact(str(out / "ablation.md"))
     click.echo((out / "ablation.md").read_text())

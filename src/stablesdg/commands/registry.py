@@ -1,0 +1,85 @@
+"""`stablesdg registry list|show|promote|rollback`: inspect the classifier registry and move the champion."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import click
+
+from ..registry import client, list_versions, promote, rollback
+from ..stages.common import cli_errors, load_or_exit, params_option
+
+
+def _name(params_path: str, name: str | None) -> str:
+    if name:
+        return name
+    return load_or_exit(params_path).tracking.registered_model
+
+
+def _registry_command(fn: Callable) -> Callable:
+    fn = cli_errors(fn)
+    fn = params_option(fn)
+    return click.option("--name", default=None, help="Registered model (default: tracking.registered_model).")(fn)
+
+
+@click.group("registry")
+def registry_group() -> None:
+    """Inspect the classifier registry and move the champion (promote, rollback) with a recorded reason."""
+
+
+@registry_group.command("list")
+@_registry_command
+def list_command(params_path: str, name: str | None) -> None:
+    """Versions with their test metrics and aliases."""
+    name = _name(params_path, name)
+    rows = list_versions(client(), name)
+    if not rows:
+        click.echo(f"{name}: no versions yet (run `stablesdg train`)")
+        return
+    click.echo(f"{'ver':>4}  {'aliases':<28} {'variant':<20} {'acc':>8} {'macroF1':>8} {'gainF1':>9}  test_set")
+    for r in rows:
+        click.echo(f"{r['version']:>4}  {','.join(r['aliases']) or '-':<28} {r['variant']:<20} "
+                   f"{r['test_accuracy'][:8]:>8} {r['test_macro_f1'][:8]:>8} {r['gain_macro_f1'][:9]:>9}  "
+                   f"{r['test_set']}")
+
+
+@registry_group.command("show")
+@click.argument("version")
+@_registry_command
+def show_command(version: str, params_path: str, name: str | None) -> None:
+    """One version: aliases, tags and the reviewer description."""
+    name = _name(params_path, name)
+    mv = client().get_model_version(name, version)
+    click.echo(json.dumps({"name": name, "version": mv.version, "aliases": list(mv.aliases), "run_id": mv.run_id,
+                           "source": mv.source, "tags": dict(sorted(mv.tags.items()))}, indent=2))
+    if mv.description:
+        click.echo("\n" + mv.description)
+
+
+@registry_group.command("promote")
+@click.argument("version")
+@click.option("--reason", required=True, help="Why (recorded as the version's promotion_reason tag).")
+@click.option("--force", is_flag=True,
+              help="Promote without a model card or on another test set than the champion's (tagged forced_promotion).")
+@_registry_command
+def promote_command(version: str, reason: str, force: bool, params_path: str, name: str | None) -> None:
+    """Make VERSION the champion; the old champion becomes previous-champion.
+
+    Refused for a version without a model card, or tested on another test set than the champion's, unless
+    --force (the reason is then recorded as the forced_promotion tag).
+    """
+    name = _name(params_path, name)
+    old = promote(client(), name, version, reason, force)
+    click.echo(f"{name}: v{version} is champion" + (f" (v{old} is previous-champion)" if old else ""))
+
+
+@registry_group.command("rollback")
+@click.option("--reason", required=True, help="Why (recorded as rollback_reason / rolled_back_reason tags).")
+@click.option("--to", "to_version", default=None, help="Version to restore (default: previous-champion).")
+@_registry_command
+def rollback_command(reason: str, to_version: str | None, params_path: str, name: str | None) -> None:
+    """Put the previous champion (or --to VERSION) back as champion."""
+    name = _name(params_path, name)
+    old, new = rollback(client(), name, reason, to_version)
+    click.echo(f"{name}: champion v{old} -> v{new} (v{old} is previous-champion)")

@@ -1,0 +1,39 @@
+"""Synthetic-set evaluation (the library side of the `evaluate` stage): per class, FID/KID of the final synthetic
+set against the real TEST images, its novelty and the SSIM of each synthetic image to its nearest train image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .data import heldout_paths, split_paths
+from .metrics import Scorer, load_image, nearest_distances, novelty
+from .prior import ssim  # prior.py is a command module owned elsewhere for now; ssim belongs in metrics
+
+
+def closeness(scorer: Scorer, processed: Path, cls: str, fake: list[Path]) -> dict[str, float]:
+    """How close the synthetic images are to the k train images: novelty (1 = as far as a held-out real image)
+    and the median SSIM between each synthetic image and its nearest train image (1 = a copy)."""
+    train = split_paths(processed, cls, "train")
+    train_feats, fake_feats = scorer.features(train, "train features"), scorer.features(fake)
+    _, nearest = nearest_distances(fake_feats, train_feats)
+    grey = lambda item: np.asarray(load_image(item).convert("L"), dtype=np.uint8)  # noqa: E731
+    ssims = [ssim(grey(f), grey(train[j])) for f, j in zip(fake, nearest.tolist(), strict=True)]
+    return {"novelty": novelty(fake_feats, scorer.features(heldout_paths(processed, cls)), train_feats),
+            "nearest_train_ssim": float(np.median(ssims))}
+
+
+def evaluate_sets(processed: Path, synthetic: dict[str, list[Path]], scorer: Scorer) -> dict:
+    """The evaluate report: per-class FID/KID of each synthetic set against the class's real TEST images, its
+    closeness to the train images, and the means over classes."""
+    keys = scorer.keys
+    per_class = {}
+    for cls, fake in tqdm(synthetic.items(), desc="evaluate", unit="class"):
+        real = split_paths(processed, cls, "test")
+        per_class[cls] = {**scorer.score(real, fake), **closeness(scorer, processed, cls, fake),
+                          "n_real": len(real), "n_synthetic": len(fake)}
+    mean = {k: sum(v[k] for v in per_class.values()) / len(per_class)
+            for k in (keys["fid"], keys["kid_mean"], "novelty", "nearest_train_ssim")}
+    return {"feature_net": scorer.extractor.name, "per_class": per_class, "mean": mean}
