@@ -241,6 +241,18 @@ class StepPlan:
             self.steps = max(self.warmup + 1, step + 1 + int(left / per_step))
         return step + 1 < self.steps
 
+    def iterate(self, desc: str):
+        """Step indices until the plan ends, with a progress bar; afterwards `steps` is the number taken."""
+        bar, step = tqdm(desc=desc, total=self.steps), 0
+        while True:
+            yield step
+            bar.total = self.steps
+            bar.update()
+            if not self.after(step):
+                break
+            step += 1
+        bar.close()
+
 
 class _ViewStream(torch.utils.data.IterableDataset):
     """Endless batches of corpus views; each worker draws from its own seeded stream."""
@@ -306,8 +318,7 @@ def train_vae(pipe, corpus, recipe: PriorRecipe, log: Callable[[str, int, float]
     batches = view_batches(corpus, derive_seed("prior-vae", recipe.seed), recipe.vae_batch_size, recipe.vae_crop,
                            recipe.workers)
     gen = torch.Generator(device).manual_seed(recipe.seed)
-    bar, step = tqdm(desc="prior vae", total=plan.steps), 0
-    while True:
+    for step in plan.iterate("prior vae"):
         pixels = grey_to_pixels(next(batches)[0], device)
         dist = vae.encode(pixels).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen, device=device)
@@ -321,14 +332,8 @@ def train_vae(pipe, corpus, recipe: PriorRecipe, log: Callable[[str, int, float]
         sched.step()
         if step % 25 == 0:  # .item() waits for the device: not on every step
             log("vae_loss", step, loss.item())
-        bar.total = plan.steps
-        bar.update()
-        if not plan.after(step):
-            break
-        step += 1
-    bar.close()
     vae.eval().requires_grad_(False)
-    return step + 1
+    return plan.steps
 
 
 @torch.no_grad()
@@ -369,8 +374,7 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], recipe: PriorRe
     gen = torch.Generator(device).manual_seed(recipe.seed + 1)
     latents = latents.to(device) * pipe.vae.config.scaling_factor
     alphas = sched.alphas_cumprod.to(device)
-    bar, step = tqdm(desc="prior unet", total=plan.steps), 0
-    while True:
+    for step in plan.iterate("prior unet"):
         idx = torch.randint(0, len(latents), (recipe.batch_size,), generator=gen, device=device)
         batch = latents[idx]
         drop = torch.rand(len(idx), generator=gen, device=device) < recipe.caption_dropout
@@ -390,17 +394,11 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], recipe: PriorRe
             ema.step(params)
         if step % 25 == 0:
             log("unet_loss", step, loss.item())
-        bar.total = plan.steps
-        bar.update()
-        if not plan.after(step):
-            break
-        step += 1
-    bar.close()
     if ema is not None:
         ema.copy_to(params)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
-    return step + 1
+    return plan.steps
 
 
 def open_corpus(recipe: PriorRecipe, corpus_dir: Path | None):
