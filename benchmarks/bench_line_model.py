@@ -39,8 +39,8 @@ MAX_DROP_POINTS = 0.5
 # --------------------------------------------------------------------------------------- data
 def load_data(processed: Path, synthetic: Path | None, input_size: int = 128) -> dict[str, np.ndarray]:
     """Real train/test (and synthetic) images preprocessed exactly as training and export do."""
-    from stablesdg.classifier import ClassifierConfig, load_images, make_spec, real_split, synthetic_images
-    from stablesdg.data import class_names_in
+    from stablesdg.classifier import ClassifierConfig, load_images, make_spec, real_split
+    from stablesdg.data import class_names_in, synthetic_paths
 
     names = class_names_in(processed)
     spec = make_spec(names, ClassifierConfig(input_size=input_size))
@@ -50,7 +50,7 @@ def load_data(processed: Path, synthetic: Path | None, input_size: int = 128) ->
         out[f"{split}_x"], out[f"{split}_y"] = images.x.numpy(), images.y.numpy()
     paths, labels = [], []
     for i, cls in enumerate(names):
-        found = synthetic_images(synthetic, cls) if synthetic else []
+        found = synthetic_paths(synthetic, cls) if synthetic else []
         paths += found
         labels += [i] * len(found)
     images = load_images(paths, labels, spec, desc="synthetic")

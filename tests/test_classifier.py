@@ -24,8 +24,10 @@ from stablesdg.classifier import (
     load_splits,
     load_weights,
     make_spec,
+    repeated,
     sample_synthetic,
     train_classifier,
+    variant_train_set,
     weights_file_name,
 )
 from stablesdg.config import BACKBONES, parse_params
@@ -135,6 +137,10 @@ def test_train_stage_compares_both_variants_on_the_same_test_set(data, mlflow_st
     real, augmented = summary["real_only"], summary["real_plus_synthetic"]
     n_test = 3 * (10 - 4 - 2)
     assert real["n_train_synthetic"] == 0 and augmented["n_train_synthetic"] == 12
+    # classifier.baseline_steps: equal (default): the baseline's 12 real images, repeated, take as many
+    # optimizer steps as the 12 real + 12 synthetic ones
+    assert real["n_train_real"] == augmented["n_train_real"] == 12
+    assert real["epoch_size"] == augmented["epoch_size"] == 24
     assert real["test_set_sha256"] == augmented["test_set_sha256"] == summary["test_set_sha256"]
     assert summary["gain"]["macro_f1"] == pytest.approx(augmented["macro_f1"] - real["macro_f1"])
     assert sum(map(sum, real["confusion_matrix"])) == n_test
@@ -174,6 +180,18 @@ def test_train_stage_compares_both_variants_on_the_same_test_set(data, mlflow_st
         torch.testing.assert_close(shipped(x), registered_model(x), rtol=0, atol=1e-6)
 
 
+def test_epochs_baseline_trains_the_real_images_once_an_epoch(data):
+    processed, synthetic = data
+    equal, epochs = (classifier_params(baseline_steps=b).classifier for b in ("equal", "epochs"))
+    splits = load_splits(processed, synthetic, classifier_params())
+    assert len(variant_train_set(splits, "real_only", equal)) == 24
+    assert len(variant_train_set(splits, "real_only", epochs)) == 12
+    augmented = variant_train_set(splits, "real_plus_synthetic", epochs)
+    assert augmented.paths[:12] == splits.train.paths and augmented.paths[12:] == splits.synthetic.paths
+    no_synthetic = load_splits(processed, synthetic, classifier_params(synthetic_ratio=0))
+    assert variant_train_set(no_synthetic, "real_only", equal).paths == no_synthetic.train.paths
+
+
 def test_augmented_variant_is_skipped_with_a_reason_without_synthetic_images(data, mlflow_store, tmp_path):
     processed, _ = data
     stale = tmp_path / "w" / "real_plus_synthetic.safetensors"
@@ -201,7 +219,7 @@ def test_repeats_retrain_both_variants_with_consecutive_seeds(data, mlflow_store
     assert rep["gain_macro_f1_std"] == pytest.approx(gains.std(ddof=1))
     # Seed 7's real-only number is what a direct training with seed 7 gives.
     splits = load_splits(processed, synthetic, params)
-    direct = train_classifier(splits.train, splits.val, splits.spec, params.classifier, 7)
+    direct = train_classifier(repeated(splits.train, 24), splits.val, splits.spec, params.classifier, 7)
     assert evaluate(direct.model, splits.test, len(CLASSES)).macro_f1 == pytest.approx(rep["real_only"]["macro_f1"][2])
     parent = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
               if "variant" not in r.data.tags]

@@ -143,3 +143,19 @@ def test_stages_that_load_the_shipped_networks_depend_on_them():
         assert "src/stablesdg/assets/prior" in [d.split()[0] for d in stage_deps(stages[name])[1]], name
     for name in ("features", "search", "evaluate"):
         assert "src/stablesdg/assets/feature_net" in stage_deps(stages[name])[1], name
+
+
+def test_scripts_import_only_names_the_package_has():
+    """benchmarks/ and experiments/ import from the package inside functions too (heavy imports on demand): a
+    renamed function must fail here, not an hour into a benchmark run."""
+    import importlib
+
+    missing = []
+    for script in sorted([*(REPO / "benchmarks").glob("*.py"), *(REPO / "experiments").glob("*.py")]):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "stablesdg":
+                module = importlib.import_module(node.module)
+                missing += [f"{script.name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name) and not (
+                                hasattr(module, "__path__") and importlib.util.find_spec(f"{node.module}.{a.name}"))]
+    assert not missing

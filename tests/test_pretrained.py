@@ -67,8 +67,7 @@ def test_classifier_starts_from_the_pretrained_body_with_a_fresh_head(pretrained
 
 
 def test_equal_steps_arm_repeats_the_real_images_to_the_synthetic_arm_size():
-    from stablesdg.classifier import ImageSet
-    from stablesdg.recognition import repeated
+    from stablesdg.classifier import ImageSet, repeated
 
     real = ImageSet(torch.arange(3.0).view(3, 1, 1, 1), torch.tensor([0, 1, 2]), [Path(f"{i}.png") for i in range(3)])
     rep = repeated(real, 8)

@@ -86,7 +86,7 @@ def log_and_register(model, splits, params, variant: str, **card):
     with stage_run("train", params, inputs=[splits.root], run_name=variant, extra_tags=tags) as run:
         uri = log_classifier(model, splits.spec)
     result = VariantResult(variant, evaluate(model, splits.test, len(CLASSES)), TrainResult(model),
-                           run.info.run_id, uri, splits.test_hash, len(splits.train), 0)
+                           run.info.run_id, uri, splits.test_hash, len(splits.train), 0, len(splits.train))
     test = ComparisonSet(splits.test_hash, splits.spec, scorer_on_test_set(splits))
     evidence = Evidence(splits.root, **card)
     return result, register_best(params.tracking.registered_model, params.classifier, [result], test, None,

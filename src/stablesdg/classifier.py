@@ -509,6 +509,7 @@ class VariantResult:
     test_hash: str
     n_train_real: int
     n_train_synthetic: int
+    epoch_size: int  # images an epoch goes through: real (repeated for an equal-steps baseline) + synthetic
 
     def summary(self, class_names: Sequence[str]) -> dict:
         return {
@@ -517,6 +518,7 @@ class VariantResult:
             "epochs_run": len(self.result.history),
             "n_train_real": self.n_train_real,
             "n_train_synthetic": self.n_train_synthetic,
+            "epoch_size": self.epoch_size,
             "run_id": self.run_id,
             "test_set_sha256": self.test_hash,
         }
@@ -572,6 +574,23 @@ def variant_synthetic(splits: Splits, variant: str) -> ImageSet | None:
     return splits.synthetic if variant == "real_plus_synthetic" else None
 
 
+def repeated(images: ImageSet, size: int) -> ImageSet:
+    """`images` repeated in order up to `size` (each copy is augmented afresh in training)."""
+    idx = torch.arange(size) % len(images)
+    return ImageSet(images.x[idx], images.y[idx], [images.paths[i] for i in idx.tolist()])
+
+
+def variant_train_set(splits: Splits, variant: str, cfg: ClassifierConfig) -> ImageSet:
+    """What a variant trains on: real + synthetic, or the real images (repeated to as many optimizer steps as
+    real + synthetic when `classifier.baseline_steps` is "equal")."""
+    synthetic = variant_synthetic(splits, variant)
+    if synthetic is not None:
+        return combine(splits.train, synthetic)
+    if cfg.baseline_steps == "equal" and splits.synthetic is not None:
+        return repeated(splits.train, len(splits.train) + len(splits.synthetic))
+    return splits.train
+
+
 def repeated_gain(splits: Splits, cfg: ClassifierConfig, seed: int, first: dict[str, Evaluation]) -> dict:
     """Both variants retrained with `classifier.repeats - 1` more seeds (after `seed`): per-seed test metrics, and
     the gain's mean and sample standard deviation, so a reviewer sees whether the gain is larger than seed noise."""
@@ -579,8 +598,8 @@ def repeated_gain(splits: Splits, cfg: ClassifierConfig, seed: int, first: dict[
     per_seed = {variant: [first[variant]] for variant in VARIANTS}
     for extra in seeds[1:]:
         for variant in VARIANTS:
-            train = combine(splits.train, variant_synthetic(splits, variant))
-            result = train_classifier(train, splits.val, splits.spec, cfg, extra, desc=f"{variant} seed {extra}")
+            result = train_classifier(variant_train_set(splits, variant, cfg), splits.val, splits.spec, cfg, extra,
+                                      desc=f"{variant} seed {extra}")
             per_seed[variant].append(evaluate(result.model, splits.test, len(splits.spec.class_names)))
     out: dict = {"seeds": seeds}
     for variant in VARIANTS:

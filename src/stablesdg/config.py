@@ -179,6 +179,10 @@ class ClassifierConfig:
     schedule: str = choice("cosine", "step", "none", default="cosine")
     patience: int = bounded(8, 1, 10_000)
     synthetic_ratio: float = bounded(1.0, 0.0, 100.0)
+    # How long the real-only baseline trains. "equal": its real images repeated to the size of real + synthetic,
+    # so both variants take the same optimizer steps (60 real images are 2 steps an epoch, + 300 synthetic 12:
+    # without it part of the "gain" is extra training). "epochs": the same epochs, fewer steps (the old baseline).
+    baseline_steps: str = choice("equal", "epochs", default="equal")
     # Training seeds per variant for the gain estimate (mean and spread): a 60-image training set swings by
     # several points from seed to seed. The first seed's models are the ones logged and registered.
     repeats: int = bounded(3, 1, 100)

@@ -24,7 +24,16 @@ try:  # MLflow is optional here: `--no-track` runs where it is not installed (a 
     from . import tracking
 except ImportError:  # pragma: no cover - exercised on such a machine only
     mlflow = tracking = None  # type: ignore[assignment]
-from .classifier import GAIN_METRICS, ImageSet, Splits, combine, evaluate, load_splits, train_classifier
+from .classifier import (
+    GAIN_METRICS,
+    ImageSet,
+    Splits,
+    combine,
+    evaluate,
+    load_splits,
+    repeated,
+    train_classifier,
+)
 from .config import ClassifierConfig, Params
 from .stages.common import load_or_exit, params_option
 from .utils import pick_device, write_json
@@ -48,12 +57,6 @@ def _stats(values: list[float]) -> dict:
     arr = np.asarray(values, dtype=float)
     return {"values": [round(v, 6) for v in values], "mean": float(arr.mean()),
             "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
-
-
-def repeated(images: ImageSet, size: int) -> ImageSet:
-    """`images` repeated in order up to `size` (each copy is augmented afresh in training)."""
-    idx = torch.arange(size) % len(images)
-    return ImageSet(images.x[idx], images.y[idx], [images.paths[i] for i in idx.tolist()])
 
 
 def training_set(splits: Splits, which: str) -> ImageSet:

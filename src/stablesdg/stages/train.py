@@ -25,7 +25,6 @@ from ..classifier import (
     ImageSet,
     Splits,
     VariantResult,
-    combine,
     evaluate,
     gain,
     load_splits,
@@ -36,6 +35,7 @@ from ..classifier import (
     split_hash,
     train_classifier,
     variant_synthetic,
+    variant_train_set,
 )
 from ..config import Params
 from ..preprocess import PreprocessSpec
@@ -122,10 +122,11 @@ def train_variant(variant: str, splits: Splits, params: Params, inputs: Sequence
                   reports_dir: Path, weights_dir: Path | None = None) -> VariantResult:
     """Train, evaluate on the real test set and log one variant as a nested MLflow run."""
     synthetic = variant_synthetic(splits, variant)
-    train = combine(splits.train, synthetic)
+    train = variant_train_set(splits, variant, params.classifier)
     test_hash = split_hash(splits.test.paths, splits.root)  # of the images this run is really evaluated on
     tags = {"variant": variant, "test_set_sha256": test_hash, "primary_metric": params.classifier.primary_metric,
-            "n_train_real": len(splits.train), "n_train_synthetic": len(synthetic) if synthetic else 0}
+            "n_train_real": len(splits.train), "n_train_synthetic": len(synthetic) if synthetic else 0,
+            "epoch_size": len(train), "baseline_steps": params.classifier.baseline_steps}
     with tracking.stage_run("train", params, inputs, run_name=variant, nested=True, extra_tags=tags) as run:
         def log_epoch(r: EpochRecord) -> None:
             mlflow.log_metrics({"train_loss": r.train_loss, "val_accuracy": r.val_accuracy,
@@ -144,7 +145,7 @@ def train_variant(variant: str, splits: Splits, params: Params, inputs: Sequence
         if weights_dir is not None:
             save_weights(result.model, splits.spec, params.classifier.backbone, weights_dir / f"{variant}.safetensors")
     return VariantResult(variant, evaluation, result, run.info.run_id, model_uri, test_hash,
-                         len(splits.train), len(synthetic) if synthetic else 0)
+                         len(splits.train), len(synthetic) if synthetic else 0, len(train))
 
 
 def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, reports_dir: Path,

@@ -1,0 +1,159 @@
+"""Issue 12: can the synthetic set help at equal optimizer steps? Ways of mixing it in, scored on NEU-CLS.
+
+Every arm trains resnet18 from scratch with params.yaml's classifier block on the same real k-shot split and is
+scored on the same real test images; gains are paired by seed against real only repeated to the arm's size
+(`classifier.repeated`: as many optimizer steps, so extra training is not counted as a synthetic gain).
+
+Arms (comma-separated, e.g. `--arms eq360,ratio5,filt0.5`):
+  eqN         real only, repeated to N images an epoch
+  ratioR      real + R x 10 synthetic images per class (a seeded choice from the set)
+  filtP       real + the synthetic images that the seed's eq<real+synthetic> model gives their own class with
+              probability >= P (a filter trained on real images only: off-class generations are dropped)
+  set:NAME    real + the synthetic set --extra NAME=DIR (e.g. regenerated at another strength), ratio 5
+
+Results are cached per (arm, seed) in OUT/mixing.json, so a rerun adds arms or seeds without retraining.
+
+    python experiments/synthetic_mixing.py --data .gpu/rec --arms eq360,ratio5,filt0.5,eq120,ratio1 --seeds 42,43,44
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from stablesdg.classifier import (
+    ImageSet,
+    combine,
+    evaluate,
+    load_images,
+    load_splits,
+    predict_logits,
+    repeated,
+    train_classifier,
+)
+from stablesdg.config import load_params
+from stablesdg.data import synthetic_paths
+
+
+def subset(images: ImageSet, idx) -> ImageSet:
+    idx = torch.as_tensor(list(idx), dtype=torch.long)
+    return ImageSet(images.x[idx], images.y[idx], [images.paths[i] for i in idx.tolist()])
+
+
+def per_class_choice(images: ImageSet, per_class: int, num_classes: int, seed: int) -> ImageSet:
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(images.y.numpy() == c)
+        keep += sorted(rng.choice(idx, size=min(len(idx), per_class), replace=False).tolist())
+    return subset(images, keep)
+
+
+def per_class_f1(evaluation) -> list[float]:
+    return [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(evaluation.precision, evaluation.recall, strict=True)]
+
+
+@click.command()
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="params.yaml, processed/ and synthetic/ of a NEU run (experiments/gpu_recognition.sh pack)")
+@click.option("--arms", required=True)
+@click.option("--seeds", default="42,43,44", show_default=True)
+@click.option("--extra", multiple=True, help="NAME=DIR: another synthetic set (<class>/*.png) for a set:NAME arm")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/neu/k10"))
+@click.option("--threads", default=2, show_default=True)
+def main(data: Path, arms: str, seeds: str, extra: tuple[str, ...], out: Path, threads: int) -> None:
+    torch.set_num_threads(threads)
+    params = load_params(data / "params.yaml")
+    cfg = params.classifier
+    splits = load_splits(data / "processed", data / "synthetic", params)
+    classes = splits.spec.class_names
+    synthetic = splits.synthetic
+    assert synthetic is not None, splits.skip_reason
+    extra_sets = dict(item.split("=", 1) for item in extra)
+    cache_file = out / "mixing.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {"rows": []}
+    done = {(r["arm"], r["seed"]): r for r in cache["rows"]}
+    models: dict = {}
+
+    def run(train: ImageSet, seed: int, arm: str, **info) -> dict:
+        if (arm, seed) in done and not arm.startswith("eq"):
+            return done[(arm, seed)]
+        start = time.time()
+        result = train_classifier(train, splits.val, splits.spec, cfg, seed, desc=f"{arm} s{seed}")
+        models[(arm, seed)] = result.model
+        ev = evaluate(result.model, splits.test, len(classes))
+        row = {"arm": arm, "seed": seed, "n": len(train), "macro_f1": ev.macro_f1, "accuracy": ev.accuracy,
+               "per_class_f1": per_class_f1(ev), "best_epoch": result.best_epoch,
+               "seconds": round(time.time() - start, 1), **info}
+        done[(arm, seed)] = row
+        cache["rows"] = list(done.values())
+        out.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache, indent=1))
+        click.echo(f"{arm} seed {seed}: macro-F1 {row['macro_f1']:.4f} ({row['seconds']:.0f} s)", err=True)
+        return row
+
+    def baseline(seed: int, n: int):
+        arm = f"eq{n}"
+        if (arm, seed) not in models:  # the filter needs the model itself, not only its cached score
+            run(repeated(splits.train, n), seed, arm)
+        return models[(arm, seed)]
+
+    for seed in [int(s) for s in seeds.split(",")]:
+        for arm in arms.split(","):
+            if (arm, seed) in done and not arm.startswith("filt"):
+                continue
+            if arm.startswith("eq"):
+                baseline(seed, int(arm[2:]))
+            elif arm.startswith("ratio"):
+                chosen = per_class_choice(synthetic, round(float(arm[5:]) * 10), len(classes), seed)
+                run(combine(splits.train, chosen), seed, arm)
+            elif arm.startswith("filt"):
+                if (arm, seed) in done:
+                    continue
+                model = baseline(seed, len(splits.train) + len(synthetic))
+                prob = torch.softmax(torch.as_tensor(predict_logits(model, synthetic.x)), 1).numpy()
+                keep = [i for i in range(len(synthetic)) if prob[i, synthetic.y[i]] >= float(arm[4:])]
+                kept = subset(synthetic, keep)
+                run(combine(splits.train, kept), seed, arm, kept=len(keep), baseline=f"eq{len(splits.train) + len(synthetic)}",
+                    kept_per_class=[int((kept.y == c).sum()) for c in range(len(classes))])
+            elif arm.startswith("set:"):
+                root = Path(extra_sets[arm[4:]])
+                paths = [p for cls in classes for p in synthetic_paths(root, cls)]
+                labels = [classes.index(p.parent.name) for p in paths]
+                images = per_class_choice(load_images(paths, labels, splits.spec), 50, len(classes), seed)
+                run(combine(splits.train, images), seed, arm, synthetic_dir=str(root))
+            else:
+                raise click.BadParameter(f"unknown arm {arm!r}", param_hint="--arms")
+    cache.update(classes=classes, device="cpu", n_test=len(splits.test), test_set_sha256=splits.test_hash)
+    cache_file.write_text(json.dumps(cache, indent=1))
+    (out / "mixing.md").write_text(markdown(cache))
+    click.echo((out / "mixing.md").read_text())
+
+
+def markdown(cache: dict) -> str:
+    """Per arm: macro-F1 per seed and mean, and the gain over real only at the same epoch size, paired by seed."""
+    rows = cache["rows"]
+    score = {(r["arm"], r["seed"]): r for r in rows}
+    lines = ["# Mixing the synthetic set in (NEU-CLS k = 10, resnet18 from scratch, test macro-F1)", "",
+             "| arm | images an epoch | macro-F1 per seed | mean | gain over real only at equal steps |",
+             "|---|---:|---|---:|---:|"]
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
+        cells = ", ".join(f"{r['seed']}: {r['macro_f1']:.3f}" for r in mine)
+        # a filtered arm has fewer images than the baseline its filter came from: compared with that one
+        base = [(r, r.get("baseline", f"eq{r['n']}")) for r in mine if not arm.startswith("eq")]
+        gains = [r["macro_f1"] - score[(b, r["seed"])]["macro_f1"] for r, b in base if (b, r["seed"]) in score]
+        gain = (f"{np.mean(gains) * 100:+.1f} ± {np.std(gains, ddof=1) * 100:.1f} pt (n={len(gains)})"
+                if len(gains) > 1 else "—")
+        n = "/".join(sorted({str(r["n"]) for r in mine}))
+        lines.append(f"| {arm} | {n} | {cells} | {np.mean([r['macro_f1'] for r in mine]):.3f} | {gain} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
