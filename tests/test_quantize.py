@@ -153,7 +153,8 @@ def test_export_params_select_the_quantizer(fp32, calib, tmp_path):
     cfg = quant_config(params.export, "qoperator")
     assert (cfg.method, cfg.per_channel, cfg.fp32_nodes, cfg.int8_format) == ("entropy", False, ("last_gemm",),
                                                                                "qoperator")
-    assert quant_config(ExportConfig()) == q.QuantConfig()  # defaults: the export before issue 15
+    # defaults: MinMax per-channel as before issue 15, with the first conv and the last Gemm left in fp32
+    assert quant_config(ExportConfig()) == q.QuantConfig(fp32_nodes=("first_conv", "last_gemm"))
     model = onnx.load_model(str(fp32))
     set_metadata(model, {"opset": "17", "model_name": "m"})
     onnx.save_model(model, str(tmp_path / "meta.onnx"))

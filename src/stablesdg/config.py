@@ -205,7 +205,7 @@ class ExportConfig:
     calibration_method: str = choice("minmax", "entropy", "percentile", default="minmax")
     calibration_percentile: float = bounded(99.999, 50.0, 100.0)  # calibration_method: percentile
     calibration_per_channel: bool = True  # per-channel weight scales (false: one scale per tensor)
-    fp32_nodes: list[str] = _list([])  # left in fp32: first_conv, last_gemm or node names
+    fp32_nodes: list[str] = _list(["first_conv", "last_gemm"])  # left in fp32 (or node names); [] = all int8
     parity_atol: float = bounded(1e-4, 0.0, 1.0)
     parity_rtol: float = bounded(1e-5, 0.0, 1.0)
 
