@@ -388,7 +388,7 @@ def backbones_command(models: Path, method: str, per_channel: bool, fp32_nodes: 
                    f"{s['img_s_b32']:7.1f} {s['mflops']:6.0f}  {'yes' if s['pareto'] else ''}"
                    f"{'  <- line pick' if s.get('line_pick') else ''}")
     if plot_path:
-        plot(result["summary"], plot_path, f"NEU-CLS k=10 + synthetic; int8 = {cfg.label} ({calib_which}); "
+        plot(result["summary"], plot_path, f"NEU-CLS k=10 + synthetic; int8 = {cfg.label} ({calib_which});\n"
                                            f"{threads} thread(s), load avg {env['load_average_1m_at_start']}")
 
 
