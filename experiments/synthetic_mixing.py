@@ -37,7 +37,8 @@ from stablesdg.classifier import (
     train_classifier,
 )
 from stablesdg.config import load_params
-from stablesdg.data import synthetic_paths
+from stablesdg.data import split_paths, synthetic_paths
+from stablesdg.evaluation import detail_ratio
 
 
 def subset(images: ImageSet, idx) -> ImageSet:
@@ -129,6 +130,11 @@ def main(data: Path, arms: str, seeds: str, extra: tuple[str, ...], out: Path, t
                 run(combine(splits.train, images), seed, arm, synthetic_dir=str(root))
             else:
                 raise click.BadParameter(f"unknown arm {arm!r}", param_hint="--arms")
+    # how much fine detail each synthetic set keeps, per class, against the real test images (1 = as much)
+    roots = {"searched": data / "synthetic", **{name: Path(d) for name, d in extra_sets.items()}}
+    cache["detail_ratio"] = {name: {cls: round(detail_ratio(split_paths(data / "processed", cls, "test"),
+                                                            synthetic_paths(root, cls)), 3) for cls in classes}
+                             for name, root in roots.items()}
     cache.update(classes=classes, device="cpu", n_test=len(splits.test), test_set_sha256=splits.test_hash)
     cache_file.write_text(json.dumps(cache, indent=1))
     (out / "mixing.md").write_text(markdown(cache))
@@ -152,6 +158,12 @@ def markdown(cache: dict) -> str:
                 if len(gains) > 1 else "—")
         n = "/".join(sorted({str(r["n"]) for r in mine}))
         lines.append(f"| {arm} | {n} | {cells} | {np.mean([r['macro_f1'] for r in mine]):.3f} | {gain} |")
+    if "detail_ratio" in cache:
+        lines += ["", "Fine detail kept (`evaluation.detail_ratio` against the real test images; 1 = as much as real, "
+                  "< 1 = blurrier):", "", "| synthetic set | " + " | ".join(cache["classes"]) + " |",
+                  "|---|" + "---:|" * len(cache["classes"])]
+        lines += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in per.values()) + " |"
+                  for name, per in cache["detail_ratio"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -257,3 +257,18 @@ def test_surface_fid_on_real_neu_is_small_for_real_vs_real_and_rises_with_noise_
     assert all(a < b for a, b in zip(fids["blur"][:4], fids["blur"][1:4], strict=False)), fids
     assert min(fids["blur"][2:]) > 5 * result["real_vs_real"], fids
     assert result["real_vs_real"] < 0.25 * max(fids["noise"]), result
+
+
+def test_detail_ratio_tells_blurred_and_noisy_sets_from_real_ones(tmp_path):
+    from stablesdg.evaluation import detail_ratio
+
+    real = demo_set(0, 2, size=128)
+    assert detail_ratio(real, real) == pytest.approx(1.0)
+    blurred = [degrade(img, "blur", 2, 0) for img in real]
+    grainy = [noisy(img, 20, i) for i, img in enumerate(real)]  # sigma 20 grey levels
+    assert detail_ratio(real, blurred) < 0.5 < 1.5 < detail_ratio(real, grainy)
+    files = []
+    for i, img in enumerate(blurred):
+        files.append(tmp_path / f"{i}.png")
+        img.save(files[-1])
+    assert detail_ratio(real, files) == pytest.approx(detail_ratio(real, blurred))  # files or images alike

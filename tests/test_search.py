@@ -97,10 +97,11 @@ def test_evaluate_writes_the_exact_metrics_shape(world, mlflow_store, tmp_path):
     assert list(result["per_class"]) == CLASSES
     for rec in result["per_class"].values():
         assert set(rec) == {"fid_surface", "kid_surface_mean", "kid_surface_std", "novelty", "nearest_train_ssim",
-                            "n_real", "n_synthetic"}
+                            "detail_ratio", "n_real", "n_synthetic"}
         assert rec["n_real"] == 3 and rec["n_synthetic"] == 4 and math.isfinite(rec["fid_surface"])
         assert rec["novelty"] > 0 and -1 <= rec["nearest_train_ssim"] < 0.99, "generated, not copied"
-    assert set(result["mean"]) == {"fid_surface", "kid_surface_mean", "novelty", "nearest_train_ssim"}
+        assert rec["detail_ratio"] > 0
+    assert set(result["mean"]) == {"fid_surface", "kid_surface_mean", "novelty", "nearest_train_ssim", "detail_ratio"}
     fids = [r["fid_surface"] for r in result["per_class"].values()]
     assert result["mean"]["fid_surface"] == pytest.approx(sum(fids) / len(fids))
     # the DVC metric: the means only, under keys that do not depend on the feature net
