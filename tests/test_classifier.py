@@ -266,3 +266,6 @@ def test_registered_version_has_a_model_card_with_the_declared_figures(data, mlf
             assert f"<td>{cls}</td><td>{pr['precision']:.3f}</td><td>{pr['recall']:.3f}</td>" in text
     assert text.count("data:image/png;base64,") == len(CLASSES)
     assert summary["registered"]["reason"] in text
+    size = summary["real_only"]["epoch_size"]  # equal steps: both variants go through as many images an epoch
+    assert size == summary["real_plus_synthetic"]["epoch_size"]
+    assert f"<td>training images an epoch</td><td>{size}</td><td>{size}</td>" in text
