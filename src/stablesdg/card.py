@@ -56,7 +56,7 @@ def _metrics_section(c: CardInputs) -> str:
                  if name == reg.primary_metric and reg.champion_value is not None else "-")
         rows.append([name, *(f"{r.evaluation.metric(name):.4f}" for r in c.results), champ])
     # equal numbers = equal optimizer steps (classifier.baseline_steps: equal): the gain is not extra training
-    rows.append(["training images an epoch", *(r.epoch_size for r in c.results), "-"])
+    rows.append(["training images an epoch", *(str(r.epoch_size) for r in c.results), "-"])
     if len(c.results) == 2:  # real_only, real_plus_synthetic
         base, aug = c.results
         rows += [[f"gain {m} (this seed)", "-", f"{aug.evaluation.metric(m) - base.evaluation.metric(m):+.4f}", "-"]
