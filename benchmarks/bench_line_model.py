@@ -28,6 +28,7 @@ import click
 import numpy as np
 import onnxruntime as ort
 
+from stablesdg.export import single_image_times
 from stablesdg.quantize import QuantConfig, calibration_set, int8_layout, quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +40,8 @@ MAX_DROP_POINTS = 0.5
 # --------------------------------------------------------------------------------------- data
 def load_data(processed: Path, synthetic: Path | None, input_size: int = 128) -> dict[str, np.ndarray]:
     """Real train/test (and synthetic) images preprocessed exactly as training and export do."""
-    from stablesdg.classifier import ClassifierConfig, load_images, make_spec, real_split
-    from stablesdg.data import class_names_in, synthetic_paths
+    from stablesdg.classifier import ClassifierConfig, load_images, make_spec, real_split, synthetic_split
+    from stablesdg.data import class_names_in
 
     names = class_names_in(processed)
     spec = make_spec(names, ClassifierConfig(input_size=input_size))
@@ -48,11 +49,7 @@ def load_data(processed: Path, synthetic: Path | None, input_size: int = 128) ->
     for split in ("train", "test"):
         images = load_images(*real_split(processed, names, split), spec, desc=split)
         out[f"{split}_x"], out[f"{split}_y"] = images.x.numpy(), images.y.numpy()
-    paths, labels = [], []
-    for i, cls in enumerate(names):
-        found = synthetic_paths(synthetic, cls) if synthetic else []
-        paths += found
-        labels += [i] * len(found)
+    paths, labels = synthetic_split(synthetic, names) if synthetic else ([], [])
     images = load_images(paths, labels, spec, desc="synthetic")
     out["synthetic_x"], out["synthetic_y"] = images.x.numpy(), images.y.numpy()
     return out
@@ -99,14 +96,7 @@ def fidelity(ref: np.ndarray, got: np.ndarray) -> dict:
 def timing(sess: ort.InferenceSession, x: np.ndarray, iters: int = 200, batches: Sequence[int] = (8, 32),
            rounds: int = 5) -> dict:
     """p50/p99 at batch 1 over `iters` runs (after 10 warm-ups); img/s at each batch size: best of `rounds`."""
-    one = x[:1]
-    for _ in range(10):
-        sess.run([OUTPUT], {INPUT: one})
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        sess.run([OUTPUT], {INPUT: one})
-        times.append((time.perf_counter() - start) * 1000)
+    times = single_image_times(sess, x, iters, warmups=10)
     out = {"p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3)}
     for b in batches:
         xb = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))

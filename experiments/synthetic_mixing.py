@@ -34,6 +34,7 @@ from stablesdg.classifier import (
     load_splits,
     predict_logits,
     repeated,
+    synthetic_split,
     train_classifier,
 )
 from stablesdg.config import load_params
@@ -82,8 +83,6 @@ def main(data: Path, arms: str, seeds: str, extra: tuple[str, ...], out: Path, t
     models: dict = {}
 
     def run(train: ImageSet, seed: int, arm: str, **info) -> dict:
-        if (arm, seed) in done and not arm.startswith("eq"):
-            return done[(arm, seed)]
         start = time.time()
         result = train_classifier(train, splits.val, splits.spec, cfg, seed, desc=f"{arm} s{seed}")
         models[(arm, seed)] = result.model
@@ -106,7 +105,7 @@ def main(data: Path, arms: str, seeds: str, extra: tuple[str, ...], out: Path, t
 
     for seed in [int(s) for s in seeds.split(",")]:
         for arm in arms.split(","):
-            if (arm, seed) in done and not arm.startswith("filt"):
+            if (arm, seed) in done:
                 continue
             if arm.startswith("eq"):
                 baseline(seed, int(arm[2:]))
@@ -114,19 +113,16 @@ def main(data: Path, arms: str, seeds: str, extra: tuple[str, ...], out: Path, t
                 chosen = per_class_choice(synthetic, round(float(arm[5:]) * 10), len(classes), seed)
                 run(combine(splits.train, chosen), seed, arm)
             elif arm.startswith("filt"):
-                if (arm, seed) in done:
-                    continue
-                model = baseline(seed, len(splits.train) + len(synthetic))
-                prob = torch.softmax(torch.as_tensor(predict_logits(model, synthetic.x)), 1).numpy()
+                n = len(splits.train) + len(synthetic)
+                prob = torch.softmax(torch.as_tensor(predict_logits(baseline(seed, n), synthetic.x)), 1).numpy()
                 keep = [i for i in range(len(synthetic)) if prob[i, synthetic.y[i]] >= float(arm[4:])]
                 kept = subset(synthetic, keep)
-                run(combine(splits.train, kept), seed, arm, kept=len(keep), baseline=f"eq{len(splits.train) + len(synthetic)}",
+                run(combine(splits.train, kept), seed, arm, kept=len(keep), baseline=f"eq{n}",
                     kept_per_class=[int((kept.y == c).sum()) for c in range(len(classes))])
             elif arm.startswith("set:"):
                 root = Path(extra_sets[arm[4:]])
-                paths = [p for cls in classes for p in synthetic_paths(root, cls)]
-                labels = [classes.index(p.parent.name) for p in paths]
-                images = per_class_choice(load_images(paths, labels, splits.spec), 50, len(classes), seed)
+                all_images = load_images(*synthetic_split(root, classes), splits.spec)
+                images = per_class_choice(all_images, 50, len(classes), seed)
                 run(combine(splits.train, images), seed, arm, synthetic_dir=str(root))
             else:
                 raise click.BadParameter(f"unknown arm {arm!r}", param_hint="--arms")

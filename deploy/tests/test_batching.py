@@ -47,18 +47,26 @@ def test_batched_scores_equal_per_image_scores(conv_model):
         np.testing.assert_allclose(list(batched.scores.values()), list(single.scores.values()), atol=ATOL)
 
 
+def gated(classifier: Classifier):
+    """`run_batch` whose first call waits for `release` (set once every caller has queued: no timing in the
+    tests), the batch sizes it was called with, and the event."""
+    release, calls = threading.Event(), []
+
+    def gated_run(x):
+        calls.append(len(x))
+        if len(calls) == 1:
+            release.wait(10)
+        return classifier.run_batch(x)
+
+    return gated_run, release, calls
+
+
 def test_micro_batcher_coalesces_concurrent_calls_and_keeps_each_callers_rows(conv_model):
     classifier = Classifier(conv_model)
     rng = np.random.default_rng(0)
     inputs = [rng.normal(size=(n, 3, 32, 32)).astype(np.float32) for n in (1, 2, 1, 3, 1)]
     expected = [classifier.run_batch(x) for x in inputs]
-    release, calls = threading.Event(), []
-
-    def gated_run(x):  # the first run waits until every caller has queued: no timing in the test
-        calls.append(len(x))
-        if len(calls) == 1:
-            release.wait(10)
-        return classifier.run_batch(x)
+    gated_run, release, calls = gated(classifier)
 
     results: dict[int, np.ndarray] = {}
     with MicroBatcher(gated_run, max_batch=32) as batcher:
@@ -86,13 +94,7 @@ def test_micro_batcher_respects_max_batch_and_order(conv_model):
     classifier = Classifier(conv_model)
     rng = np.random.default_rng(1)
     inputs = [rng.normal(size=(2, 3, 32, 32)).astype(np.float32) for _ in range(5)]
-    release, calls = threading.Event(), []
-
-    def gated_run(x):
-        calls.append(len(x))
-        if len(calls) == 1:
-            release.wait(10)
-        return classifier.run_batch(x)
+    gated_run, release, calls = gated(classifier)
 
     out: dict[int, np.ndarray] = {}
     with MicroBatcher(gated_run, max_batch=4) as batcher:

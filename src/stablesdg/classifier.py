@@ -223,6 +223,16 @@ def real_split(processed_dir: Path, class_names: Sequence[str], split: str) -> t
     return paths, labels
 
 
+def synthetic_split(synthetic_dir: Path, class_names: Sequence[str]) -> tuple[list[Path], list[int]]:
+    """Every synthetic image of every class and its label (`real_split`'s counterpart for data/synthetic)."""
+    paths, labels = [], []
+    for label, cls in enumerate(class_names):
+        found = synthetic_paths(synthetic_dir, cls)
+        paths += found
+        labels += [label] * len(found)
+    return paths, labels
+
+
 def sample_synthetic(
     synthetic_dir: Path, class_names: Sequence[str], real_counts: Sequence[int], ratio: float, seed: int
 ) -> tuple[list[Path], list[int]]:

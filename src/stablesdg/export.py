@@ -26,9 +26,9 @@ import torch
 from onnx.external_data_helper import uses_external_data
 from torch import nn
 
-from .classifier import ImageSet, load_images, predict_logits, real_split
+from .classifier import ImageSet, load_images, predict_logits, real_split, synthetic_split
 from .config import ExportConfig
-from .data import class_names_in, synthetic_paths
+from .data import class_names_in
 from .errors import StableSDGError
 from .preprocess import PreprocessSpec
 from .provenance import UNKNOWN
@@ -133,15 +133,20 @@ def export_stamp(parity: Parity, gate: Gate) -> dict[str, str]:
 
 def latency_ms(path: Path, x: np.ndarray, runs: int = 20) -> float:
     """Median single-image latency with one thread (the line's default), after one warm-up run."""
-    sess = session(path, threads=1)
+    return round(float(np.median(single_image_times(session(path, threads=1), x, runs))), 3)
+
+
+def single_image_times(sess: ort.InferenceSession, x: np.ndarray, runs: int, warmups: int = 1) -> list[float]:
+    """Milliseconds of `runs` single-image runs of `x[:1]`, after `warmups` untimed ones."""
     one = x[:1]
-    sess.run([OUTPUT_NAME], {INPUT_NAME: one})
+    for _ in range(warmups):
+        sess.run([OUTPUT_NAME], {INPUT_NAME: one})
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         sess.run([OUTPUT_NAME], {INPUT_NAME: one})
         times.append((time.perf_counter() - start) * 1000)
-    return round(float(np.median(times)), 3)
+    return times
 
 
 def check_onnx(proto: onnx.ModelProto, opset: int, metadata_keys: Sequence[str]) -> None:
@@ -261,9 +266,7 @@ def export_calibration(cfg: ExportConfig, seed: int, processed: Path, synthetic:
     train = load_split(processed, spec, "train")
     x, y = train.x.numpy(), train.y.numpy()
     if cfg.calibration_sources == "train+synthetic":
-        found = [(synthetic_paths(synthetic, c), i) for i, c in enumerate(spec.class_names)]
-        paths = [p for ps, _ in found for p in ps]
-        labels = [i for ps, i in found for _ in ps]
+        paths, labels = synthetic_split(synthetic, spec.class_names)
         if paths:
             extra = load_images(paths, labels, spec, desc="calibration synthetic")
             x, y = np.concatenate([x, extra.x.numpy()]), np.concatenate([y, extra.y.numpy()])

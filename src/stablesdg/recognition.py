@@ -28,11 +28,10 @@ from .classifier import (
     GAIN_METRICS,
     ImageSet,
     Splits,
-    combine,
     evaluate,
     load_splits,
-    repeated,
     train_classifier,
+    variant_train_set,
 )
 from .config import ClassifierConfig, Params
 from .stages.common import load_or_exit, params_option
@@ -59,10 +58,11 @@ def _stats(values: list[float]) -> dict:
             "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
 
 
-def training_set(splits: Splits, which: str) -> ImageSet:
-    with_synthetic = combine(splits.train, splits.synthetic)
-    return {"real": splits.train, "repeated": repeated(splits.train, len(with_synthetic)),
-            "real+synthetic": with_synthetic}[which]
+def training_set(splits: Splits, which: str, cfg: ClassifierConfig) -> ImageSet:
+    """An arm's training set: the train stage's variants, with the real-only one at both baselines."""
+    variant, steps = {"real": ("real_only", "epochs"), "repeated": ("real_only", "equal"),
+                      "real+synthetic": ("real_plus_synthetic", cfg.baseline_steps)}[which]
+    return variant_train_set(splits, variant, replace(cfg, baseline_steps=steps))
 
 
 def run_arms(splits: Splits, cfg: ClassifierConfig, seeds: list[int]) -> dict:
@@ -72,7 +72,7 @@ def run_arms(splits: Splits, cfg: ClassifierConfig, seeds: list[int]) -> dict:
     scores: dict[str, dict[str, list[float]]] = {a: {m: [] for m in GAIN_METRICS} for a, *_ in ARMS}
     for seed in seeds:
         for arm, _, which in ARMS:
-            result = train_classifier(training_set(splits, which), splits.val, splits.spec, cfg, seed,
+            result = train_classifier(training_set(splits, which, cfg), splits.val, splits.spec, cfg, seed,
                                       desc=f"{arm} seed {seed}")
             evaluation = evaluate(result.model, splits.test, len(splits.spec.class_names))
             for m in GAIN_METRICS:
