@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 12: does longer generator adaptation make the synthetic set help? Re-adapts every class with more
+# textual-inversion / LoRA steps (and optionally another LoRA rank), generates the same number of images with the
+# searched per-class settings, measures its FID/KID against the real test images (`stablesdg evaluate`), then
+# scores the new set in the mixing study (real + 300 synthetic against real only
+# repeated to the same epoch size, seeds 42-44) next to the pipeline's set.
+#
+#   bash experiments/adaptation_steps.sh NAME EMBEDDING_STEPS LORA_STEPS [RANK]
+#   bash experiments/adaptation_steps.sh lora500 200 500       # -> $WORK/lora500/{adapters,synthetic}
+#
+# Needs the NEU workspace's images, synthetic set and params (experiments/gpu_recognition.sh pack -> .gpu/rec) and
+# its search results (reports/neu/k10/search). STABLESDG_THREADS=1 when another job shares the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REC=${REC:-.gpu/rec}
+SEARCH=${SEARCH:-reports/neu/k10/search}
+WORK=${WORK:-/tmp/adaptation_steps}
+name=$1 embedding_steps=$2 lora_steps=$3 rank=${4:-}
+dir=$WORK/$name
+mkdir -p "$dir"
+python - "$REC/params.yaml" "$dir/params.yaml" "$embedding_steps" "$lora_steps" "$rank" <<'PY'
+import sys
+import yaml
+src, dst, embedding_steps, lora_steps, rank = sys.argv[1:]
+params = yaml.safe_load(open(src))
+params["adapt"]["embedding"]["steps"] = int(embedding_steps)
+params["adapt"]["lora"]["steps"] = int(lora_steps)
+if rank:
+    params["adapt"]["lora"].update(rank=int(rank), alpha=float(rank))
+params["adapt"]["checkpoint_every"] = 100
+yaml.safe_dump(params, open(dst, "w"), sort_keys=False)
+PY
+classes=$(python -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1]))["classes"]))' "$dir/params.yaml")
+for c in $classes; do
+  stablesdg adapt --class "$c" --params "$dir/params.yaml" --processed "$REC/processed" --out "$dir/adapters" \
+    --reports "$dir/reports" --checkpoints "$dir/checkpoints" 2>&1 | tr "\r" "\n" | grep "^adapt $c:"
+  stablesdg generate --class "$c" --params "$dir/params.yaml" --processed "$REC/processed" \
+    --adapters "$dir/adapters" --search "$SEARCH" --out "$dir/synthetic" 2>&1 | tr "\r" "\n" | grep "^generate $c:"
+done
+stablesdg evaluate --params "$dir/params.yaml" --processed "$REC/processed" --synthetic "$dir/synthetic" \
+  --metrics "$dir/fid.json" --report "$dir/fid_per_class.json" --grids "$dir/grids" 2>&1 | grep -v "it/s" || true
+python experiments/synthetic_mixing.py --data "$REC" --threads "${STABLESDG_THREADS:-2}" --arms eq360,ratio5,"set:$name" --extra "$name=$dir/synthetic"
