@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12: does longer generator adaptation make the synthetic set help? Re-adapts every class with more
 # textual-inversion / LoRA steps (and optionally another LoRA rank), generates the same number of images with the
-# searched per-class settings, measures its FID/KID against the real test images (`stablesdg evaluate`), then
+# searched per-class settings, measures its FID/KID and detail_ratio against the real test images, then
 # scores the new set in the mixing study (real + 300 synthetic against real only
 # repeated to the same epoch size, seeds 42-44) next to the pipeline's set.
 #
@@ -9,7 +9,8 @@
 #   bash experiments/adaptation_steps.sh lora500 200 500       # -> $WORK/lora500/{adapters,synthetic}
 #
 # Needs the NEU workspace's images, synthetic set and params (experiments/gpu_recognition.sh pack -> .gpu/rec) and
-# its search results (reports/neu/k10/search). STABLESDG_THREADS=1 when another job shares the CPU.
+# its search results (reports/neu/k10/search). STABLESDG_THREADS=1 when another job shares the CPU; SEEDS and
+# MIXING_OUT (default reports/neu/k10, where the mixing study caches its rows) for a smoke run elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REC=${REC:-.gpu/rec}
@@ -35,8 +36,28 @@ for c in $classes; do
   stablesdg adapt --class "$c" --params "$dir/params.yaml" --processed "$REC/processed" --out "$dir/adapters" \
     --reports "$dir/reports" --checkpoints "$dir/checkpoints" 2>&1 | tr "\r" "\n" | grep "^adapt $c:"
   stablesdg generate --class "$c" --params "$dir/params.yaml" --processed "$REC/processed" \
-    --adapters "$dir/adapters" --search "$SEARCH" --out "$dir/synthetic" 2>&1 | tr "\r" "\n" | grep "^generate $c:"
+    --adapters "$dir/adapters" --search "$SEARCH" --out "$dir/synthetic" 2>&1 | tr "\r" "\n" | grep "^generate $c: [0-9]"
 done
-stablesdg evaluate --params "$dir/params.yaml" --processed "$REC/processed" --synthetic "$dir/synthetic" \
-  --metrics "$dir/fid.json" --report "$dir/fid_per_class.json" --grids "$dir/grids" 2>&1 | grep -v "it/s" || true
-python experiments/synthetic_mixing.py --data "$REC" --threads "${STABLESDG_THREADS:-2}" --arms eq360,ratio5,"set:$name" --extra "$name=$dir/synthetic"
+# FID/KID and detail kept against the real test images, next to the pipeline's set (the packed workspace has no
+# held-out pool, so `stablesdg evaluate` and its novelty score cannot run on it)
+python - "$REC" "$dir" <<'PY'
+import json, sys
+from pathlib import Path
+from stablesdg.config import load_params
+from stablesdg.data import split_paths, synthetic_paths
+from stablesdg.evaluation import detail_ratio
+from stablesdg.metrics import fid_kid, load_extractor
+rec, new = Path(sys.argv[1]), Path(sys.argv[2])
+params = load_params(new / "params.yaml")
+extractor = load_extractor(params.metrics)
+quality = {}
+for cls in params.classes:
+    test = split_paths(rec / "processed", cls, "test")
+    quality[cls] = {name: {**{k: round(v, 3) for k, v in fid_kid(test, synthetic_paths(root, cls), extractor).items()},
+                           "detail_ratio": round(detail_ratio(test, synthetic_paths(root, cls)), 3)}
+                    for name, root in (("pipeline", rec / "synthetic"), (new.name, new / "synthetic"))}
+(new / "quality.json").write_text(json.dumps(quality, indent=1))
+print(json.dumps(quality, indent=1))
+PY
+python experiments/synthetic_mixing.py --data "$REC" --threads "${STABLESDG_THREADS:-2}" --seeds "${SEEDS:-42,43,44}" \
+  --arms eq360,ratio5,"set:$name" --extra "$name=$dir/synthetic" --out "${MIXING_OUT:-reports/neu/k10}"
