@@ -38,24 +38,28 @@ for c in $classes; do
   stablesdg generate --class "$c" --params "$dir/params.yaml" --processed "$REC/processed" \
     --adapters "$dir/adapters" --search "$SEARCH" --out "$dir/synthetic" 2>&1 | tr "\r" "\n" | grep "^generate $c: [0-9]"
 done
-# FID/KID and detail kept against the real test images, next to the pipeline's set (the packed workspace has no
-# held-out pool, so `stablesdg evaluate` and its novelty score cannot run on it)
+# FID/KID (the Scorer that search and evaluate use: params' KID settings and seed, cached features) and detail kept,
+# against the real test images, next to the pipeline's set, for every class the new set has (the packed workspace
+# has no held-out pool, so `stablesdg evaluate` and its novelty score cannot run on it)
 python - "$REC" "$dir" <<'PY'
 import json, sys
 from pathlib import Path
 from stablesdg.config import load_params
 from stablesdg.data import split_paths, synthetic_paths
 from stablesdg.evaluation import detail_ratio
-from stablesdg.metrics import fid_kid, load_extractor
+from stablesdg.metrics import load_scorer
 rec, new = Path(sys.argv[1]), Path(sys.argv[2])
 params = load_params(new / "params.yaml")
-extractor = load_extractor(params.metrics)
+scorer = load_scorer(params.metrics, params.seed)
 quality = {}
 for cls in params.classes:
+    if not synthetic_paths(new / "synthetic", cls):
+        continue
     test = split_paths(rec / "processed", cls, "test")
-    quality[cls] = {name: {**{k: round(v, 3) for k, v in fid_kid(test, synthetic_paths(root, cls), extractor).items()},
-                           "detail_ratio": round(detail_ratio(test, synthetic_paths(root, cls)), 3)}
-                    for name, root in (("pipeline", rec / "synthetic"), (new.name, new / "synthetic"))}
+    sets = {"pipeline": synthetic_paths(rec / "synthetic", cls), new.name: synthetic_paths(new / "synthetic", cls)}
+    quality[cls] = {name: {**{k: round(v, 3) for k, v in scorer.score(test, fake).items()},
+                           "detail_ratio": round(detail_ratio(test, fake), 3), "n": len(fake)}
+                    for name, fake in sets.items()}
 (new / "quality.json").write_text(json.dumps(quality, indent=1))
 print(json.dumps(quality, indent=1))
 PY

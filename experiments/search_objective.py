@@ -20,8 +20,8 @@ def setting(trial: dict) -> list:
 
 
 def objectives(record: dict) -> dict:
-    trials = [t for t in record["trials"] if t.get(record["metric"]) is not None]
     fid, kid = record["metric"], record["metric"].replace("fid", "kid") + "_mean"
+    trials = [t for t in record["trials"] if t.get(fid) is not None]
     by_fid = sorted(trials, key=lambda t: t[fid])
     return {
         "trials": len(trials),
@@ -29,7 +29,7 @@ def objectives(record: dict) -> dict:
         "FID": setting(by_fid[0]),
         "KID": setting(min(trials, key=lambda t: t[kid])),
         "FID best - runner-up": round(by_fid[1][fid] - by_fid[0][fid], 2),
-        "FID noise (bootstrap std)": record["noise"]["median_fid_surface_std"],
+        "FID noise (bootstrap std)": record["noise"][f"median_{fid}_std"],
     }
 
 
@@ -37,8 +37,8 @@ def objectives(record: dict) -> dict:
 @click.option("--search", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 def main(search: Path, out: Path) -> None:
-    result = {json.loads(f.read_text())["class"]: objectives(json.loads(f.read_text()))
-              for f in sorted(search.glob("*.json"))}
+    records = [json.loads(f.read_text()) for f in sorted(search.glob("*.json"))]
+    result = {record["class"]: objectives(record) for record in records}
     result["same choice, KID vs FID"] = sum(r["KID"] == r["FID"] for r in result.values())
     out.write_text(json.dumps(result, indent=1))
     click.echo(json.dumps(result, indent=1))
