@@ -37,16 +37,13 @@ import torch
 
 from stablesdg.classifier import (
     ImageSet,
-    combine,
     evaluate,
     load_images,
-    load_splits,
     predict_logits,
-    repeated,
     synthetic_split,
     train_classifier,
-    variant_train_set,
 )
+from stablesdg.comparison import combine, load_splits, repeated, variant_train_set
 from stablesdg.config import load_params
 from stablesdg.data import split_paths, synthetic_paths
 from stablesdg.metrics import detail_ratio

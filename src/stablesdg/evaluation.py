@@ -10,8 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import heldout_paths, split_paths
-from .metrics import Scorer, detail_ratio, load_image, nearest_distances, novelty
-from .prior import ssim  # prior.py is a command module owned elsewhere for now; ssim belongs in metrics
+from .metrics import Scorer, detail_ratio, load_image, nearest_distances, novelty, ssim
 
 
 def closeness(scorer: Scorer, processed: Path, cls: str, fake: list[Path]) -> dict[str, float]:

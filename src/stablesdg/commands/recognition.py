@@ -21,21 +21,14 @@ import torch
 try:  # MLflow is optional here: `--no-track` runs where it is not installed (a lent GPU machine)
     import mlflow
 
-    from . import tracking
+    from .. import tracking
 except ImportError:  # pragma: no cover - exercised on such a machine only
     mlflow = tracking = None  # type: ignore[assignment]
-from .classifier import (
-    GAIN_METRICS,
-    ImageSet,
-    Splits,
-    evaluate,
-    load_splits,
-    train_classifier,
-    variant_train_set,
-)
-from .config import ClassifierConfig, Params
-from .stages.common import load_or_exit, params_option
-from .utils import pick_device, write_json
+from ..classifier import ImageSet, evaluate, train_classifier
+from ..comparison import GAIN_METRICS, Splits, load_splits, variant_train_set
+from ..config import ClassifierConfig, Params
+from ..stages.common import load_or_exit, params_option
+from ..utils import pick_device, write_json
 
 ARMS = (  # (name, label, training set)
     ("real", "real only", "real"),
