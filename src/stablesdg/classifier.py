@@ -224,6 +224,7 @@ class Evaluation:
     recall: list[float]
     confusion: np.ndarray  # [true, predicted]
     predictions: np.ndarray
+    f1: list[float] = field(default_factory=list)  # per class (macro_f1 is their mean over present classes)
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
@@ -257,6 +258,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
         recall=recall.tolist(),
         confusion=confusion,
         predictions=np.asarray(y_pred),
+        f1=f1.tolist(),
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,16 +195,73 @@ def variant_train_set(splits: Splits, variant: str, cfg: ClassifierConfig) -> Im
     return splits.train
 
 
+# --------------------------------------------------------------------------------------- arms x seeds
+# An arm: what it trains on, from the shared splits and the classifier config.
+TrainSet = Callable[[Splits, ClassifierConfig], ImageSet]
+
+
+def variant_arm(variant: str) -> TrainSet:
+    """The train stage's variant as an arm."""
+    return lambda splits, cfg: variant_train_set(splits, variant, cfg)
+
+
+def train_and_score(splits: Splits, train: ImageSet, cfg: ClassifierConfig, seed: int,
+                    desc: str) -> tuple[TrainResult, Evaluation]:
+    """One classifier trained on `train` (early stopping on the shared val split), scored on the test split."""
+    result = train_classifier(train, splits.val, splits.spec, cfg, seed, desc=desc)
+    return result, evaluate(result.model, splits.test, len(splits.spec.class_names))
+
+
+def run_arms(splits: Splits, cfg: ClassifierConfig, arms: dict[str, TrainSet], seeds: Sequence[int],
+             done: dict[tuple[str, int], Evaluation] | None = None) -> dict[str, list[Evaluation]]:
+    """Every arm trained at every seed (seed by seed), all scored on the same test set: per arm, the evaluations
+    in seed order. `done`: (arm, seed) evaluations already made, not trained again."""
+    done = dict(done or {})
+    for seed in seeds:
+        for arm, train_set in arms.items():
+            if (arm, seed) not in done:
+                done[(arm, seed)] = train_and_score(splits, train_set(splits, cfg), cfg, seed, f"{arm} seed {seed}")[1]
+    return {arm: [done[(arm, seed)] for seed in seeds] for arm in arms}
+
+
+def seed_stats(values: Sequence[float]) -> dict:
+    """Per-seed values (rounded), their mean and sample std (0 for one seed)."""
+    arr = np.asarray(values, dtype=float)
+    return {"values": [round(v, 6) for v in values], "mean": float(arr.mean()),
+            "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+def paired_gains(arm: Sequence[Evaluation], baseline: Sequence[Evaluation], metric: str) -> list[float]:
+    """The arm's metric minus the baseline's, seed by seed."""
+    return list(np.subtract([e.metric(metric) for e in arm], [e.metric(metric) for e in baseline]))
+
+
+# --------------------------------------------------------------------------------------- the table cells
+def mean_std_cell(stats: Mapping[str, float]) -> str:
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def gain_cell(stats: Mapping, suffix: str = "sigma") -> str:
+    """A paired gain (`seed_stats`) in points: mean ± sample std, then its signal-to-noise ratio (`sigma`) or the
+    seed count (`n`)."""
+    if suffix == "n":
+        return f"{stats['mean'] * 100:+.1f} ± {stats['std'] * 100:.1f} pt (n={len(stats['values'])})"
+    ratio = stats["mean"] / stats["std"] if stats["std"] > 0 else float("inf")
+    return f"{stats['mean'] * 100:+.1f} ± {stats['std'] * 100:.1f} pt ({ratio:.1f} σ)"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
+    """A markdown table: the first `left` columns left-aligned, the others right-aligned."""
+    align = "|" + "---|" * left + "---:|" * (len(header) - left)
+    return ["| " + " | ".join(header) + " |", align, *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def repeated_gain(splits: Splits, cfg: ClassifierConfig, seed: int, first: dict[str, Evaluation]) -> dict:
     """Both variants retrained with `classifier.repeats - 1` more seeds (after `seed`): per-seed test metrics, and
     the gain's mean and sample standard deviation, so a reviewer sees whether the gain is larger than seed noise."""
     seeds = [seed + r for r in range(cfg.repeats)]
-    per_seed = {variant: [first[variant]] for variant in VARIANTS}
-    for extra in seeds[1:]:
-        for variant in VARIANTS:
-            result = train_classifier(variant_train_set(splits, variant, cfg), splits.val, splits.spec, cfg, extra,
-                                      desc=f"{variant} seed {extra}")
-            per_seed[variant].append(evaluate(result.model, splits.test, len(splits.spec.class_names)))
+    per_seed = run_arms(splits, cfg, {v: variant_arm(v) for v in VARIANTS}, seeds,
+                        done={(v, seed): first[v] for v in VARIANTS})
     out: dict = {"seeds": seeds}
     for variant in VARIANTS:
         out[variant] = {m: [e.metric(m) for e in per_seed[variant]] for m in GAIN_METRICS}
