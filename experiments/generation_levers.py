@@ -3,10 +3,12 @@
 For every class of a finished NEU run (its params.yaml, data/processed, models/adapters, reports/search), each
 lever renders the same images (same train sources, same seeds) at the class's searched strength and guidance
 and scores them against the class's held-out real images (val + pool, the search's reference; the test split
-stays for the classifier): FID / KID on the surface net and `detail_ratio` (1 = as much fine detail as real).
+stays for the classifier): FID / KID on the surface net, `detail_ratio` (1 = as much fine detail as real), and
+how close they are to the k train images (novelty: 1 = as far as a held-out real image; the median SSIM to the
+nearest train image: 1 = a copy).
 
-A lever is `SAMPLER:STEPS[@STRENGTH]`, e.g. `ddim:10` (the pipeline's search grid today), `ddpm:50`,
-`euler_ancestral:25@0.8`. Results are cached per (class, lever) in OUT/generation_levers.json, so a rerun adds
+A lever is `SAMPLER:STEPS[@STRENGTH][/RESOLUTION]`, e.g. `ddim:10` (the pipeline's search grid today),
+`ddpm:50`, `euler_ancestral:25@0.8`, `ddim:10/200` (denoise at 200 px instead of the prior's 128). Results are cached per (class, lever) in OUT/generation_levers.json, so a rerun adds
 levers without re-rendering; OUT/generation_levers.md is the table, and a grid per class shows one source
 image across levers.
 
@@ -15,6 +17,7 @@ image across levers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,17 +28,21 @@ import torch
 
 from stablesdg.config import load_params
 from stablesdg.data import heldout_paths, split_paths
-from stablesdg.generation import load_adapted_pipeline, render
+from stablesdg.evaluation import closeness
+from stablesdg.generation import generation_resolution, load_adapted_pipeline, render
 from stablesdg.metrics import detail_ratio, load_image, load_scorer, mean_detail_energy
 from stablesdg.search import cycled, seeds_for
 from stablesdg.utils import read_json
 from stablesdg.viz import image_grid, save_image
 
 
-def parse_lever(text: str, searched_strength: float) -> tuple[str, int, float]:
+def parse_lever(text: str, searched_strength: float) -> tuple[str, int, float, int | None]:
+    """`SAMPLER:STEPS[@STRENGTH][/RESOLUTION]` -> (sampler, steps, strength, resolution or None = params')."""
+    text, _, resolution = text.partition("/")
     sampler_steps, _, strength = text.partition("@")
     sampler, steps = sampler_steps.split(":")
-    return sampler, int(steps), float(strength) if strength else searched_strength
+    return sampler, int(steps), float(strength) if strength else searched_strength, \
+        int(resolution) if resolution else None
 
 
 def markdown(results: dict, levers: list[str], classes: list[str], fid_key: str) -> str:
@@ -81,15 +88,19 @@ def main(run_dir: Path, levers: str, images: int, classes: str | None, out: Path
         seeds = seeds_for(params.seed, cls, "levers", images)
         rows, labels = [[load_image(p).convert("RGB") for p in sources[:6]]], ["real (the sources)"]
         for lever in todo:
-            sampler, steps, strength = parse_lever(lever, float(best["strength"]))
+            sampler, steps, strength, resolution = parse_lever(lever, float(best["strength"]))
+            at = dataclasses.replace(params, generate=dataclasses.replace(
+                params.generate, resolution=resolution or params.generate.resolution))
             start = time.perf_counter()
-            fake = render(pipe, params, cls, sources, strength, float(best["guidance_scale"]), steps, seeds,
+            fake = render(pipe, at, cls, sources, strength, float(best["guidance_scale"]), steps, seeds,
                           scheduler=sampler)
             seconds = time.perf_counter() - start
-            results[f"{cls}|{lever}"] = {**scorer.score(real, fake),
+            results[f"{cls}|{lever}"] = {**scorer.score(real, fake), **closeness(scorer, processed, cls, fake),
                                          "detail_ratio": detail_ratio(real, fake, real_energy),
                                          "strength": strength, "guidance_scale": best["guidance_scale"],
-                                         "sampler": sampler, "steps": steps, "seconds": round(seconds, 1)}
+                                         "sampler": sampler, "steps": steps,
+                                         "resolution": generation_resolution(at.generate, at.model),
+                                         "seconds": round(seconds, 1)}
             print(cls, lever, {k: round(v, 3) for k, v in results[f"{cls}|{lever}"].items()
                                if isinstance(v, float)}, flush=True)
             rows.append([img.convert("RGB") for img in fake[:6]])

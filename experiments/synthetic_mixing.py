@@ -90,8 +90,7 @@ def main(data: Path, arms: str, seeds: str, extra: tuple[str, ...], out: Path, t
     params = dataclasses.replace(params, classifier=cfg)
     splits = load_splits(data / "processed", data / "synthetic", params)
     classes = splits.spec.class_names
-    synthetic = splits.synthetic
-    assert synthetic is not None, splits.skip_reason
+    synthetic = splits.synthetic  # None is fine for eqN arms and arms on an --extra set
     extra_sets = dict(item.split("=", 1) for item in extra)
     cache_file = out / "mixing.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {"rows": []}
@@ -154,6 +153,7 @@ def main(data: Path, arms: str, seeds: str, extra: tuple[str, ...], out: Path, t
                 raise click.BadParameter(f"unknown arm {arm!r}", param_hint="--arms")
     # how much fine detail each synthetic set keeps, per class, against the real test images (1 = as much)
     roots = {"searched": data / "synthetic", **{name: Path(d) for name, d in extra_sets.items()}}
+    roots = {name: root for name, root in roots.items() if all(synthetic_paths(root, c) for c in classes)}
     cache["detail_ratio"] = {name: {cls: round(detail_ratio(split_paths(data / "processed", cls, "test"),
                                                             synthetic_paths(root, cls)), 3) for cls in classes}
                              for name, root in roots.items()}
