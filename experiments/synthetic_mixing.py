@@ -37,14 +37,18 @@ import torch
 
 from stablesdg.classifier import (
     ImageSet,
-    combine,
-    evaluate,
     load_images,
-    load_splits,
     predict_logits,
-    repeated,
     synthetic_split,
-    train_classifier,
+)
+from stablesdg.comparison import (
+    combine,
+    gain_cell,
+    load_splits,
+    markdown_table,
+    repeated,
+    seed_stats,
+    train_and_score,
     variant_train_set,
 )
 from stablesdg.config import load_params
@@ -64,10 +68,6 @@ def per_class_choice(images: ImageSet, per_class: int, num_classes: int, seed: i
         idx = np.flatnonzero(images.y.numpy() == c)
         keep += sorted(rng.choice(idx, size=min(len(idx), per_class), replace=False).tolist())
     return subset(images, keep)
-
-
-def per_class_f1(evaluation) -> list[float]:
-    return [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(evaluation.precision, evaluation.recall, strict=True)]
 
 
 @click.command()
@@ -99,11 +99,10 @@ def main(data: Path, arms: str, seeds: str, extra: tuple[str, ...], out: Path, t
 
     def run(train: ImageSet, seed: int, arm: str, arm_cfg=cfg, **info) -> dict:
         start = time.time()
-        result = train_classifier(train, splits.val, splits.spec, arm_cfg, seed, desc=f"{arm} s{seed}")
+        result, ev = train_and_score(splits, train, arm_cfg, seed, desc=f"{arm} s{seed}")
         models[(arm, seed)] = result.model
-        ev = evaluate(result.model, splits.test, len(classes))
         row = {"arm": arm, "seed": seed, "n": len(train), "macro_f1": ev.macro_f1, "accuracy": ev.accuracy,
-               "per_class_f1": per_class_f1(ev), "best_epoch": result.best_epoch,
+               "per_class_f1": ev.f1, "best_epoch": result.best_epoch,
                "seconds": round(time.time() - start, 1), **info}
         done[(arm, seed)] = row
         cache["rows"] = list(done.values())
@@ -169,26 +168,26 @@ def markdown(cache: dict) -> str:
     """Per arm: macro-F1 per seed and mean, and the gain over real only at the same epoch size, paired by seed."""
     rows = cache["rows"]
     score = {(r["arm"], r["seed"]): r for r in rows}
-    lines = [f"# Mixing the synthetic set in (NEU-CLS k = 10, {cache.get('backbone', 'resnet18')} "
-             f"{cache.get('init', 'from scratch')}, test macro-F1)", "",
-             "| arm | images an epoch | macro-F1 per seed | mean | gain over real only at equal steps |",
-             "|---|---:|---|---:|---:|"]
+    header = ["arm", "images an epoch", "macro-F1 per seed", "mean", "gain over real only at equal steps"]
+    table = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
         mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
         cells = ", ".join(f"{r['seed']}: {r['macro_f1']:.3f}" for r in mine)
         # a filtered arm has fewer images than the baseline its filter came from: compared with that one
         base = [(r, r.get("baseline", f"eq{r['n']}")) for r in mine if not arm.startswith("eq")]
         gains = [r["macro_f1"] - score[(b, r["seed"])]["macro_f1"] for r, b in base if (b, r["seed"]) in score]
-        gain = (f"{np.mean(gains) * 100:+.1f} ± {np.std(gains, ddof=1) * 100:.1f} pt (n={len(gains)})"
-                if len(gains) > 1 else "—")
+        gain = gain_cell(seed_stats(gains), "n") if len(gains) > 1 else "—"
         n = "/".join(sorted({str(r["n"]) for r in mine}))
-        lines.append(f"| {arm} | {n} | {cells} | {np.mean([r['macro_f1'] for r in mine]):.3f} | {gain} |")
+        table.append([arm, n, cells, f"{np.mean([r['macro_f1'] for r in mine]):.3f}", gain])
+    lines = [f"# Mixing the synthetic set in (NEU-CLS k = 10, {cache.get('backbone', 'resnet18')} "
+             f"{cache.get('init', 'from scratch')}, test macro-F1)", "", *markdown_table(header, table)]
+    lines[3] = "|---|---:|---|---:|---:|"  # the per-seed cells are text: left-aligned
     if "detail_ratio" in cache:
         lines += ["", "Fine detail kept (`evaluation.detail_ratio` against the real test images; 1 = as much as real, "
-                  "< 1 = blurrier):", "", "| synthetic set | " + " | ".join(cache["classes"]) + " |",
-                  "|---|" + "---:|" * len(cache["classes"])]
-        lines += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in per.values()) + " |"
-                  for name, per in cache["detail_ratio"].items()]
+                  "< 1 = blurrier):", "",
+                  *markdown_table(["synthetic set", *cache["classes"]],
+                                  [[name, *(f"{v:.2f}" for v in per.values())]
+                                   for name, per in cache["detail_ratio"].items()])]
     return "\n".join(lines) + "\n"
 
 

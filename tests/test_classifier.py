@@ -21,16 +21,13 @@ from stablesdg.classifier import (
     build_backbone,
     classification_metrics,
     evaluate,
-    load_splits,
     load_weights,
     make_spec,
-    repeated,
     sample_synthetic,
-    source_names,
     train_classifier,
-    variant_train_set,
     weights_file_name,
 )
+from stablesdg.comparison import load_splits, repeated, source_names, variant_train_set
 from stablesdg.config import BACKBONES, parse_params
 from stablesdg.demo import write_demo_dataset
 from stablesdg.registry import CHAMPION, alias_version, client

@@ -1,8 +1,8 @@
 """Defect classifier: a torchvision backbone trained on real (+ synthetic) images, real-only as the baseline.
 
-The library side of the `train` stage (`stages/train.py` logs the runs and registers): backbones, the
-surface-corpus pretraining of a backbone, data, augmentation, metrics, training with early stopping, the
-repeated-seed gain. Evaluation inputs go through `preprocess.preprocess_image`, byte-for-byte what the ONNX
+The model, the data and the train and evaluate code (`stages/train.py` logs the runs and registers): backbones,
+image sets, augmentation, metrics, training with early stopping, the saved weights. The real-vs-synthetic
+design lives in `comparison.py`; the backbone's corpus pretraining in `pretraining/backbone.py`. Evaluation inputs go through `preprocess.preprocess_image`, byte-for-byte what the ONNX
 line runtime does.
 """
 
@@ -25,16 +25,14 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 from tqdm import tqdm
 
-from .config import BACKBONES, ClassifierConfig, Params
-from .data import DataError, class_names_in, split_paths, synthetic_paths
+from .config import BACKBONES, ClassifierConfig
+from .data import split_paths, synthetic_paths
 from .errors import StableSDGError
 from .imagenet import LITE_WEIGHTS, build_lite
 from .preprocess import PreprocessSpec, preprocess_image
 from .utils import canonical_safetensors_header, derive_seed, pick_device, seed_everything, sha256_file
 from .viz import image_grid
 
-VARIANTS = ("real_only", "real_plus_synthetic")
-GAIN_METRICS = ("accuracy", "macro_f1")
 BRIGHTNESS_JITTER = 0.08  # additive, in [0, 1] pixel units: lighting drift on the line
 CONTRAST_JITTER = 0.1  # multiplicative around the image mean
 
@@ -114,81 +112,6 @@ def load_body_weights(model: nn.Module, path: Path) -> nn.Module:
             f"classifier.weights_path: {path} does not fit classifier.backbone "
             f"({len(unexpected)} unexpected, {len(missing)} missing keys, e.g. {(unexpected or missing)[:2]})")
     return model
-
-
-# --------------------------------------------------------------------------------------- corpus pretraining
-@dataclass
-class BackbonePretrainConfig:
-    backbone: str = "resnet18"
-    input_size: int = 128
-    epochs: int = 5
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    holdout: float = 0.1
-    seed: int = 0
-
-
-def pretrain_backbone(corpus, cfg: BackbonePretrainConfig, device: str = "cpu",
-                      log: Callable[[str, int, float], None] | None = None) -> tuple[nn.Module, dict]:
-    """Supervised pretraining on the corpus (which source a view comes from), the ImageNet stand-in.
-
-    Views are random regions at the classifier's input size and texture scale, grey replicated to 3 planes,
-    normalised as `PreprocessSpec` does: the same input contract as the defect classifier it initialises.
-    """
-    log = log or (lambda *_: None)
-    spec = PreprocessSpec(class_names=list(corpus.sources), input_size=(cfg.input_size, cfg.input_size))
-    mean = torch.tensor(spec.mean)[None, :, None, None]
-    std = torch.tensor(spec.std)[None, :, None, None]
-
-    def batch(rng: np.random.Generator, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        grey, _ = corpus.views(rng, len(idx), cfg.input_size, indices=idx)
-        x = torch.from_numpy(grey.astype(np.float32) / 255.0)[:, None].expand(-1, 3, -1, -1)
-        return (x - mean) / std, torch.tensor([corpus.labels[int(i)] for i in idx])
-
-    seed_everything(cfg.seed)
-    train_idx, held_idx = corpus.holdout(cfg.holdout, cfg.seed)
-    model = get_model(cfg.backbone, weights=None, num_classes=len(corpus.sources)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.learning_rate, total_steps=steps, pct_start=0.1)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    rng, gen = np.random.default_rng(derive_seed("backbone-views", cfg.seed)), torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
-        for start in tqdm(range(0, len(order), cfg.batch_size), desc=f"backbone epoch {epoch + 1}/{cfg.epochs}"):
-            x, y = batch(rng, order[start:start + cfg.batch_size])
-            x = augment_batch(x, spec, gen)
-            loss = loss_fn(model(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            log("backbone_loss", step, loss.item())
-            step += 1
-    model.eval()
-    eval_rng = np.random.default_rng(derive_seed("backbone-heldout", cfg.seed))
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(held_idx), 128):
-            x, y = batch(eval_rng, held_idx[start:start + 128])
-            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-    return model.cpu(), {"heldout_accuracy": correct / max(1, len(held_idx)), "heldout_images": len(held_idx),
-                         "train_images": len(train_idx), "sources": list(corpus.sources), "steps": step}
-
-
-def save_body_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> Path:
-    """Every weight but the head, as fp16 safetensors (half the size; the loader casts back to float32)."""
-    head = head_prefix(model)
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous()
-             for k, v in model.state_dict().items() if not k.startswith(head)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=metadata)
-    canonical_safetensors_header(path)
-    return path
 
 
 def make_spec(class_names: Sequence[str], cfg: ClassifierConfig) -> PreprocessSpec:
@@ -301,6 +224,7 @@ class Evaluation:
     recall: list[float]
     confusion: np.ndarray  # [true, predicted]
     predictions: np.ndarray
+    f1: list[float] = field(default_factory=list)  # per class (macro_f1 is their mean over present classes)
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
@@ -334,6 +258,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
         recall=recall.tolist(),
         confusion=confusion,
         predictions=np.asarray(y_pred),
+        f1=f1.tolist(),
     )
 
 
@@ -476,78 +401,7 @@ def train_classifier(
     return result
 
 
-# --------------------------------------------------------------------------------------- the stage
-@dataclass
-class Splits:
-    """The real splits both variants share, plus the synthetic selection for the augmented one."""
-
-    root: Path  # data/processed: test-set hashes are over paths relative to it
-    spec: PreprocessSpec
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet
-    test_hash: str
-    synthetic: ImageSet | None
-    skip_reason: str | None = None
-
-
-def load_splits(processed_dir: Path, synthetic_dir: Path, params: Params) -> Splits:
-    cfg = params.classifier
-    class_names = class_names_in(processed_dir)
-    if len(class_names) < 2:
-        raise DataError(f"{processed_dir}: fewer than two classes; run `stablesdg data ingest` first")
-    spec = make_spec(class_names, cfg)
-    parts = {s: real_split(processed_dir, class_names, s) for s in ("train", "val", "test")}
-    if not parts["test"][0] or not parts["val"][0]:
-        raise DataError(f"{processed_dir}: the val and test splits must not be empty")
-    sets = {s: load_images(p, y, spec, desc=s) for s, (p, y) in parts.items()}
-    real_counts = [parts["train"][1].count(i) for i in range(len(class_names))]
-    synthetic, reason = None, None
-    if cfg.synthetic_ratio <= 0:
-        reason = "classifier.synthetic_ratio is 0"
-    else:
-        # replace draws from every variant of a real image; the ratio sets its epoch size instead
-        ratio = math.inf if cfg.synthetic_use == "replace" else cfg.synthetic_ratio
-        paths, labels = sample_synthetic(synthetic_dir, class_names, real_counts, ratio, params.seed)
-        if paths:
-            synthetic = load_images(paths, labels, spec, desc="synthetic")
-        else:
-            reason = f"no synthetic images in {synthetic_dir}/<class>/ (run the generate stage first)"
-    test_hash = split_hash(parts["test"][0], processed_dir)
-    return Splits(processed_dir, spec, sets["train"], sets["val"], sets["test"], test_hash, synthetic, reason)
-
-
-def combine(a: ImageSet, b: ImageSet | None) -> ImageSet:
-    if b is None:
-        return a
-    return ImageSet(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), [*a.paths, *b.paths])
-
-
-@dataclass
-class VariantResult:
-    variant: str
-    evaluation: Evaluation
-    result: TrainResult
-    run_id: str
-    model_uri: str
-    test_hash: str
-    n_train_real: int
-    n_train_synthetic: int
-    epoch_size: int  # images an epoch goes through: real (repeated for an equal-steps baseline) + synthetic
-
-    def summary(self, class_names: Sequence[str]) -> dict:
-        return {
-            **self.evaluation.to_dict(class_names),
-            "best_epoch": self.result.best_epoch,
-            "epochs_run": len(self.result.history),
-            "n_train_real": self.n_train_real,
-            "n_train_synthetic": self.n_train_synthetic,
-            "epoch_size": self.epoch_size,
-            "run_id": self.run_id,
-            "test_set_sha256": self.test_hash,
-        }
-
-
+# --------------------------------------------------------------------------------------- outputs
 def misclassified_grid(test: ImageSet, predictions: np.ndarray, class_names: Sequence[str],
                        per_row: int = 8) -> Image.Image:
     """Misclassified test images, one row per (true -> predicted) pair."""
@@ -582,114 +436,3 @@ def load_weights(path: Path) -> tuple[nn.Module, PreprocessSpec]:
     return model.eval(), spec
 
 
-def scorer_on_test_set(splits: Splits) -> Callable[[nn.Module, PreprocessSpec, str], float]:
-    """(model, the model's spec, metric) -> the metric on `splits`' test set, preprocessed as the model's spec says
-    (what the registry re-evaluates a champion with)."""
-
-    def score(model: nn.Module, spec: PreprocessSpec, metric: str) -> float:
-        test = splits.test if spec == splits.spec else load_images(splits.test.paths, splits.test.y.tolist(), spec)
-        return evaluate(model, test, len(spec.class_names)).metric(metric)
-
-    return score
-
-
-def variant_synthetic(splits: Splits, variant: str) -> ImageSet | None:
-    """The synthetic images a variant trains on (none for the real-only baseline)."""
-    return splits.synthetic if variant == "real_plus_synthetic" else None
-
-
-def repeated(images: ImageSet, size: int) -> ImageSet:
-    """`images` repeated in order up to `size` (each copy is augmented afresh in training)."""
-    idx = torch.arange(size) % len(images)
-    return ImageSet(images.x[idx], images.y[idx], [images.paths[i] for i in idx.tolist()])
-
-
-def epoch_size(splits: Splits, cfg: ClassifierConfig) -> int:
-    """Images an epoch of the real + synthetic variant goes through (and of real only at equal steps)."""
-    if splits.synthetic is None:
-        return len(splits.train)
-    if cfg.synthetic_use == "replace":
-        return len(splits.train) + round(cfg.synthetic_ratio * len(splits.train))
-    return len(splits.train) + len(splits.synthetic)
-
-
-def source_names(synthetic: ImageSet) -> list[str]:
-    """The real train image each synthetic image was made from (its class folder's manifest.json)."""
-    manifests: dict[Path, dict[str, str]] = {}
-    out = []
-    for path in synthetic.paths:
-        folder = Path(path).parent
-        if folder not in manifests:
-            records = json.loads((folder / "manifest.json").read_text())["images"]
-            manifests[folder] = {r["file"]: r["source"] for r in records}
-        out.append(manifests[folder][Path(path).name])
-    return out
-
-
-def replacing(real: ImageSet, size: int, synthetic: ImageSet, probability: float) -> ImageSet:
-    """DA-Fusion's use: `real` repeated to `size`; each epoch swaps each image, with `probability`, for one of
-    the synthetic variants made from that real image (a real image without variants stays itself)."""
-    base = repeated(real, size)
-    by_source: dict[str, list[int]] = {}
-    for i, name in enumerate(source_names(synthetic)):
-        by_source.setdefault(name, []).append(i)
-    variants = [torch.tensor(by_source.get(Path(p).name, []), dtype=torch.long) for p in base.paths]
-
-    def draw(epoch: int, gen: torch.Generator) -> ImageSet:
-        swap, pick = torch.rand(size, generator=gen), torch.rand(size, generator=gen)
-        x, paths = base.x.clone(), list(base.paths)
-        for i, options in enumerate(variants):
-            if len(options) and swap[i] < probability:
-                j = int(options[int(pick[i] * len(options))])
-                x[i], paths[i] = synthetic.x[j], synthetic.paths[j]
-        return ImageSet(x, base.y, paths)
-
-    return ImageSet(base.x, base.y, base.paths, draw=draw)
-
-
-def two_stage(real: ImageSet, synthetic: ImageSet, cfg: ClassifierConfig) -> ImageSet:
-    """Real + synthetic for the first epochs, then real only (repeated to the same epoch size, so the steps
-    stay equal) for the last `finetune_fraction` of `epochs`."""
-    mixed = combine(real, synthetic)
-    tail, switch = repeated(real, len(mixed)), cfg.epochs - round(cfg.finetune_fraction * cfg.epochs)
-    return ImageSet(mixed.x, mixed.y, mixed.paths, draw=lambda epoch, gen: mixed if epoch <= switch else tail)
-
-
-def variant_train_set(splits: Splits, variant: str, cfg: ClassifierConfig) -> ImageSet:
-    """What a variant trains on: real + synthetic as `classifier.synthetic_use` says, or the real images
-    (repeated to as many optimizer steps when `classifier.baseline_steps` is "equal")."""
-    synthetic = variant_synthetic(splits, variant)
-    if synthetic is not None:
-        if cfg.synthetic_use == "replace":
-            return replacing(splits.train, epoch_size(splits, cfg), synthetic, cfg.replace_probability)
-        if cfg.synthetic_use == "two_stage":
-            return two_stage(splits.train, synthetic, cfg)
-        return combine(splits.train, synthetic)
-    if cfg.baseline_steps == "equal" and splits.synthetic is not None:
-        return repeated(splits.train, epoch_size(splits, cfg))
-    return splits.train
-
-
-def repeated_gain(splits: Splits, cfg: ClassifierConfig, seed: int, first: dict[str, Evaluation]) -> dict:
-    """Both variants retrained with `classifier.repeats - 1` more seeds (after `seed`): per-seed test metrics, and
-    the gain's mean and sample standard deviation, so a reviewer sees whether the gain is larger than seed noise."""
-    seeds = [seed + r for r in range(cfg.repeats)]
-    per_seed = {variant: [first[variant]] for variant in VARIANTS}
-    for extra in seeds[1:]:
-        for variant in VARIANTS:
-            result = train_classifier(variant_train_set(splits, variant, cfg), splits.val, splits.spec, cfg, extra,
-                                      desc=f"{variant} seed {extra}")
-            per_seed[variant].append(evaluate(result.model, splits.test, len(splits.spec.class_names)))
-    out: dict = {"seeds": seeds}
-    for variant in VARIANTS:
-        out[variant] = {m: [e.metric(m) for e in per_seed[variant]] for m in GAIN_METRICS}
-    for m in GAIN_METRICS:
-        gains = np.subtract(out["real_plus_synthetic"][m], out["real_only"][m])
-        out[f"gain_{m}"] = gains.tolist()
-        out[f"gain_{m}_mean"] = float(gains.mean())
-        out[f"gain_{m}_std"] = float(gains.std(ddof=1))
-    return out
-
-
-def gain(augmented: VariantResult, baseline: VariantResult) -> dict[str, float]:
-    return {m: augmented.evaluation.metric(m) - baseline.evaluation.metric(m) for m in GAIN_METRICS}

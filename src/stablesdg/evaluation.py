@@ -10,8 +10,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import heldout_paths, split_paths
-from .metrics import Scorer, detail_ratio, load_image, nearest_distances, novelty
-from .prior import ssim  # prior.py is a command module owned elsewhere for now; ssim belongs in metrics
+from .metrics import Scorer, detail_ratio, load_image, nearest_distances, novelty, ssim
+from .provenance import EVALUATE_MEANS
 
 
 def closeness(scorer: Scorer, processed: Path, cls: str, fake: list[Path]) -> dict[str, float]:
@@ -36,5 +36,5 @@ def evaluate_sets(processed: Path, synthetic: dict[str, list[Path]], scorer: Sco
         per_class[cls] = {**scorer.score(real, fake), **closeness(scorer, processed, cls, fake),
                           "detail_ratio": detail_ratio(real, fake), "n_real": len(real), "n_synthetic": len(fake)}
     mean = {k: sum(v[k] for v in per_class.values()) / len(per_class)
-            for k in (keys["fid"], keys["kid_mean"], "novelty", "nearest_train_ssim", "detail_ratio")}
+            for k in (keys.get(name, name) for name, _ in EVALUATE_MEANS)}
     return {"feature_net": scorer.extractor.name, "per_class": per_class, "mean": mean}
