@@ -114,11 +114,11 @@ def test_class_names_the_pipeline_refuses_are_refused(tmp_path, cli, name):
 
 
 @pytest.mark.timeout(240)
-def test_model_path_that_is_a_fifo_or_dev_zero_is_refused_without_reading_it(tmp_path):
+def test_model_path_that_is_a_fifo_or_dev_zero_is_refused_without_reading_it(tmp_path, cli):
     fifo = tmp_path / "model.onnx"
     os.mkfifo(fifo)
     for path, kind in ((fifo, "FIFO"), (Path("/dev/zero"), "character device")):
-        result = run_cli("info", str(path), timeout=30)  # before the fix: a hang / memory exhaustion
+        result = cli("info", str(path))  # before the fix: a hang / memory exhaustion (pytest-timeout)
         assert result.returncode == EXIT_MODEL_REFUSED, result.stderr
         assert f"not a regular file ({kind})" in result.stderr
 
@@ -242,37 +242,38 @@ def test_classify_csv_output_keeps_the_row_of_a_non_utf8_name(rgb_model, tmp_pat
 
 
 # ----------------------------------------------------------------------------- class 7: secrets
-@pytest.mark.timeout(120)
-def test_empty_token_in_the_environment_is_refused(rgb_model):
-    result = subprocess.run(cli_command("serve", str(rgb_model), "--port", str(free_port())),
-                            capture_output=True, text=True, timeout=60, env={**os.environ, TOKEN_ENV: " "})
+def test_empty_token_in_the_environment_is_refused(rgb_model, cli, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, " ")
+    result = cli("serve", str(rgb_model), "--port", str(free_port()))  # before the fix: served, open
     assert result.returncode == EXIT_MODEL_REFUSED, result.stderr
     assert f"env {TOKEN_ENV} is set but empty" in result.stderr
 
 
-@pytest.mark.timeout(180)
-def test_token_file_keeps_the_secret_out_of_ps_and_is_enforced(rgb_model, tmp_path):
+def test_token_file_keeps_the_secret_off_the_command_line_and_is_enforced(rgb_model, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from stablesdg_line import Classifier
+    from stablesdg_line.cli import _build_parser, resolve_token
+    from stablesdg_line.server import ServeConfig, create_app
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
     token_file = tmp_path / "token"
     token_file.write_text("file-secret-24\n")
-    from stablesdg_line.cli import _build_parser
-
-    help_text = _build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
-    assert "--token-file" in help_text and "ps" in help_text
-    port = free_port()
-    process = subprocess.Popen(cli_command("serve", str(rgb_model), "--port", str(port), "--token-file",
-                                           str(token_file)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            wait_until_up(http, process)
-            cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
-            assert b"file-secret-24" not in cmdline
-            files = upload(("a.png", image_bytes(RED)))
-            assert http.post("/classify", files=files).status_code == 401
-            ok = http.post("/classify", files=files, headers={"Authorization": "Bearer file-secret-24"})
-            assert ok.status_code == 200, ok.text
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    parser = _build_parser()
+    help_text = parser._subparsers._group_actions[0].choices["serve"].format_help()
+    assert "--token-file" in help_text and "`ps`" in help_text
+    args = parser.parse_args(["serve", str(rgb_model), "--token-file", str(token_file)])
+    assert "file-secret-24" not in " ".join(map(str, vars(args).values()))
+    token = resolve_token(args)
+    assert token == "file-secret-24"
+    with TestClient(create_app(Classifier(rgb_model), ServeConfig(token=token, max_batch=1))) as http:
+        files = upload(("a.png", image_bytes(RED)))
+        assert http.post("/classify", files=files).status_code == 401
+        ok = http.post("/classify", files=files, headers={"Authorization": "Bearer file-secret-24"})
+        assert ok.status_code == 200, ok.text
+    token_file.write_text("\n")
+    with pytest.raises(ValueError, match="is set but empty"):
+        resolve_token(args)
 
 
 # ----------------------------------------------------------------------------- class 1: cost bounds

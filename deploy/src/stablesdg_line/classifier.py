@@ -201,6 +201,11 @@ class Classifier:
         try:
             return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for unparsable/unsupported graphs
+            if "model_path must not be empty" in str(err):  # loaded from the pinned bytes, no path: by design
+                raise ModelContractError(
+                    f"model {self.model_path} references external data files, which its sha256 pin would "
+                    "not cover: refused. Export it as one file (torch.onnx.export(..., external_data=False))"
+                ) from err
             raise ModelContractError(f"onnxruntime cannot load {self.model_path}: {err}") from err
 
     def _warm_up(self) -> None:
