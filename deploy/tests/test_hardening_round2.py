@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnx
 import pytest
@@ -18,8 +17,8 @@ from badinputs import hostile_bytes
 from corpus import RED, image_bytes
 from onnx import TensorProto, helper, numpy_helper
 from onnx_models import OPSET, RGB, build_model, write_model
-from processes import cli_command, free_port, run_cli
-from test_server import upload, wait_until_up
+from processes import cli_command, free_port
+from test_server import upload
 
 from stablesdg_line.cli import EXIT_MODEL_REFUSED, TOKEN_ENV, main
 from stablesdg_line.watch import DropFolderWatcher, WatchConfig
@@ -42,7 +41,8 @@ def _bad_output_model(path: Path, kind: str) -> Path:
         nodes, "bad_output",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(RGB.weight, "W"), numpy_helper.from_array(np.zeros(k, np.float32), "B"),
+        initializer=[numpy_helper.from_array(RGB.weight, "W"),
+                     numpy_helper.from_array(np.zeros(k, np.float32), "B"),
                      numpy_helper.from_array(np.array([1], np.int64), "axis1")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=9)
     helper.set_model_props(model, RGB.metadata())

@@ -110,7 +110,7 @@ def _reject_if_empty(stream: BinaryIO) -> None:
 
 
 def _jpeg_scans(data: bytes) -> int:
-    """Start-of-scan markers: entropy-coded data stuffs every 0xFF with 0x00, so FF DA is only ever a marker."""
+    """Start-of-scan markers: entropy-coded data stuffs each 0xFF with 0x00, so FF DA is always a marker."""
     return data.count(b"\xff\xda")
 
 
@@ -152,7 +152,8 @@ def _open_allowed(stream: BinaryIO) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise ImageRejected(f"decompression bomb refused: {err}") from err
     except Exception as err:  # any decoder bug on hostile input must stay a per-file error
-        raise ImageRejected(_metadata_reason(err) or f"cannot open image: {type(err).__name__}: {err}") from err
+        reason = _metadata_reason(err) or f"cannot open image: {type(err).__name__}: {err}"
+        raise ImageRejected(reason) from err
 
 
 def _metadata_reason(err: Exception) -> str | None:
@@ -208,8 +209,9 @@ def _decode(stream: BinaryIO, max_pixels: int) -> Image.Image:
     try:
         img.load()  # forces full decoding here, so truncated data fails now and not mid-batch
     except Exception as err:
-        raise ImageRejected(_metadata_reason(err)
-                            or f"cannot decode image data ({img.format}): {type(err).__name__}: {err}") from err
+        reason = (_metadata_reason(err)
+                  or f"cannot decode image data ({img.format}): {type(err).__name__}: {err}")
+        raise ImageRejected(reason) from err
     return img
 
 

@@ -19,11 +19,11 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
-from collections.abc import Iterator
 
 from .classifier import Classifier, Prediction
 from .images import INCOMPLETE_REASONS, ImageRejected, file_kind, open_regular_file
