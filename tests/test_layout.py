@@ -15,9 +15,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "src" / "stablesdg"
-LIBRARY = ("adaptation", "card", "classifier", "config", "data", "demo", "diffusion", "errors", "evaluation",
-           "export", "generation", "metrics", "preprocess", "provenance", "search", "utils", "viz")
-STAGE_MODULES = {"demo": "demo", "ingest": "ingest", "adapt": "adapt", "features": "features", "search": "search",
+LIBRARY = ("adaptation", "basemodels", "card", "classifier", "config", "data", "demo", "diffusion", "errors", "evaluation",
+           "export", "generation", "metrics", "preflight", "preprocess", "provenance", "search", "utils", "viz")
+STAGE_MODULES = {"demo": "demo", "ingest": "ingest", "check-base": "check_base", "adapt": "adapt", "features": "features", "search": "search",
                  "generate": "generate", "evaluate": "evaluate", "train": "train", "export": "export"}
 
 

@@ -175,16 +175,17 @@ def build_components(arch: Arch, device: str = "cpu") -> dict:
         }
 
 
-def build_random_base(arch_name: str, out: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
-    """Write a diffusers folder with `arch_name`'s exact architecture, random weights in `dtype` safetensors."""
+def build_random_base(arch: str | Arch, out: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a diffusers folder with `arch`'s exact architecture (a name in ARCHS, or an Arch: tests build a
+    small one with the same files), CLIP's tokenizer, random weights in `dtype` safetensors."""
     import diffusers  # lazy: slow to import
     from transformers import CLIPTokenizer
 
-    arch = get_arch(arch_name)
+    arch = get_arch(arch) if isinstance(arch, str) else arch
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     for name, module in build_components(arch).items():
-        module.to(dtype).save_pretrained(out / name, safe_serialization=True)
+        module.to(dtype).save_pretrained(out / name)
         del module  # one component in memory at a time: the U-Net alone is 3.4 GB in fp32
     # from_config: the published file keeps keys a class ignores (PNDM has no clip_sample)
     getattr(diffusers, arch.scheduler_class).from_config(arch.scheduler).save_pretrained(out / "scheduler")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ModelConfig, Params
-from .diffusion import BaseModelError, offline_hint, resolve_base_model
+from .diffusion import BaseModelError, offline_hint, portable_path, resolve_base_model
 from .utils import pick_device, sha256_file
 
 NOT_LOADED = ("safety_checker", "feature_extractor", "image_encoder")  # passed as None by load_base_pipeline
@@ -208,11 +208,11 @@ def nearest_single_tokens(tokenizer, word: str, embeddings=None, k: int = 5) -> 
         import torch  # lazy: the checks import no torch unless weights are read
 
         ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(word))
-        rows = torch.tensor(list(words.values()))
+        rows = torch.tensor([i for i in words.values() if i < len(embeddings)])
         table = embeddings[rows].float()
         query = embeddings[ids].float().mean(0)
         sims = torch.nn.functional.cosine_similarity(table, query[None], dim=1)
-        names = list(words)
+        names = [w for w, i in words.items() if i < len(embeddings)]
         near = [names[i] for i in sims.topk(k).indices.tolist()]
     return list(dict.fromkeys([*pieces, *spelled, *near]))[:k + 3]
 
@@ -364,5 +364,5 @@ def render_report(report: BaseReport) -> str:
 
 def fingerprint_record(report: BaseReport) -> dict:
     """What the `check-base` DVC stage writes: changes only when the loaded files or the architecture do."""
-    return {"source": report.source, "fingerprint": base_fingerprint(report),
+    return {"source": portable_path(report.source), "fingerprint": base_fingerprint(report),
             "files": [f.path for f in report.files if f.present], "architecture": report.architecture}
