@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from diffusers import StableDiffusionImg2ImgPipeline
 from transformers import CLIPTokenizer
 
-from stablesdg.basemodels import ARCHS, Arch, build_components, build_random_base, write_clip_tokenizer
+from stablesdg.basemodels import ARCHS, build_components, build_random_base, write_clip_tokenizer
 from stablesdg.config import parse_params
 from stablesdg.diffusion import BaseModelError, load_base_pipeline
 from stablesdg.generation import generation_dtype
@@ -195,6 +195,8 @@ def test_generation_precision_follows_the_device():
     assert generation_dtype("auto", "cpu") == torch.float32
     assert generation_dtype("auto", "cuda") == torch.float16
     assert generation_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(Exception, match="fp16 needs a GPU"):
+        generation_dtype("fp16", "cpu")
     with pytest.raises(Exception, match="generate.precision"):
         parse_params({"generate": {"precision": "fp8"}})
 

@@ -140,7 +140,8 @@ def clip_bpe_path() -> Path:
 
 def clip_vocab_and_merges(bpe: Path | None = None) -> tuple[dict[str, int], list[str]]:
     """vocab.json's mapping and merges.txt's lines, built the way CLIP's simple_tokenizer.py builds its vocab."""
-    lines = gzip.open(bpe or clip_bpe_path()).read().decode("utf-8").split("\n")
+    with gzip.open(bpe or clip_bpe_path()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1:CLIP_MERGES + 1]
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .config import GenerateConfig, ModelConfig, Params
+from .config import ConfigError, GenerateConfig, ModelConfig, Params
 from .data import split_paths
 from .diffusion import EMBEDS_FILE, LORA_FILE, base_model_record, load_base_pipeline, make_scheduler
 from .errors import MissingInputError
@@ -43,6 +43,8 @@ def generation_dtype(precision: str, device: str) -> torch.dtype:
     """generate.precision on this device: `auto` is fp16 on CUDA (diffusers' usual inference precision)."""
     if precision == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
+    if precision == "fp16" and device == "cpu":  # diffusers' fp16 U-Net fails on CPU with a dtype mismatch
+        raise ConfigError("generate.precision: fp16 needs a GPU; on the CPU use bf16 or fp32 (or auto)")
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 

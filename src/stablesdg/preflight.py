@@ -171,12 +171,13 @@ def describe_architecture(folder: Path, report: BaseReport) -> dict:
     vae = _read_config(folder, "vae/config.json")
     text = _read_config(folder, "text_encoder/config.json")
     sched = _read_config(folder, "scheduler/scheduler_config.json")
-    params = {}
+    params: dict[str, int] = {}
     for f in report.files:
         if f.present and f.path.endswith(".safetensors"):
-            params[f.path.split("/")[0]] = params.get(f.path.split("/")[0], 0) + safetensors_params(folder / f.path)
+            component = f.path.split("/")[0]
+            params[component] = params.get(component, 0) + safetensors_params(folder / f.path)
     cross = unet.get("cross_attention_dim")
-    family = {768: "SD 1.x", 1024: "SD 2.x"}.get(cross, "not SD 1.x/2.x" if cross else "unknown")
+    family = {768: "SD 1.x", 1024: "SD 2.x"}.get(cross or 0, "not SD 1.x/2.x" if cross else "unknown")
     latent = len(vae.get("block_out_channels", [1])) - 1
     return {
         "family": family,

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 import torch
 
-from ..preflight import require_base
 from ..generation import generate_class, generation_resolution
+from ..preflight import require_base
 from .common import (
     ADAPTERS,
     PROCESSED,

@@ -12,9 +12,9 @@ import mlflow
 from .. import tracking
 from ..config import Params
 from ..data import heldout_paths, split_paths
-from ..preflight import require_base
 from ..generation import generation_dtype, load_adapted_pipeline
 from ..metrics import MetricsError, load_scorer
+from ..preflight import require_base
 from ..search import SearchRun, fid_by_strength, search_summary
 from ..utils import pick_device, write_json
 from ..viz import line_plot, save_image
