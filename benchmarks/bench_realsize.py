@@ -66,7 +66,7 @@ def write_params(work: Path, base: Path, resolution: int, device: str) -> Path:
     params["adapt"]["lora"].update({"steps": 2, "batch_size": 1})
     params["search"].update({"strength": [0.5], "guidance_scale": [5.0], "steps": [4], "images_per_trial": 2,
                              "refine": False, "bootstrap": 0})
-    params["generate"].update({"per_class": 2, "batch_size": 1, "steps": 4, "device": device})
+    params["generate"].update({"per_class": 2, "batch_size": 1, "steps": 4, "device": device, "resolution": None})
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

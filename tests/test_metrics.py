@@ -260,7 +260,7 @@ def test_surface_fid_on_real_neu_is_small_for_real_vs_real_and_rises_with_noise_
 
 
 def test_detail_ratio_tells_blurred_and_noisy_sets_from_real_ones(tmp_path):
-    from stablesdg.evaluation import detail_ratio
+    from stablesdg.metrics import detail_ratio
 
     real = demo_set(0, 2, size=128)
     assert detail_ratio(real, real) == pytest.approx(1.0)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .config import BACKBONES, ClassifierConfig, Params
 from .data import DataError, class_names_in, split_paths, synthetic_paths
 from .errors import StableSDGError
+from .imagenet import LITE_WEIGHTS, build_lite
 from .preprocess import PreprocessSpec, preprocess_image
 from .utils import canonical_safetensors_header, derive_seed, pick_device, seed_everything, sha256_file
 from .viz import image_grid
@@ -75,11 +76,15 @@ def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
 
 
 def build_backbone(
-    backbone: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None
+    backbone: str, num_classes: int, pretrained: bool | str = False, weights_path: str | None = None
 ) -> nn.Module:
     """A torchvision classifier with a `num_classes` head; ImageNet weights from the local cache if asked."""
     if backbone not in BACKBONES:
         raise ValueError(f"classifier.backbone: {backbone!r} is not supported; use one of {', '.join(BACKBONES)}")
+    if backbone in LITE_WEIGHTS:
+        surface_file = bool(pretrained) and weights_path is not None and Path(weights_path).suffix == ".safetensors"
+        model = _replace_head(build_lite(backbone, bool(pretrained) and not surface_file, weights_path), num_classes)
+        return load_body_weights(model, Path(weights_path)) if surface_file and weights_path else model
     if not pretrained:
         return get_model(backbone, weights=None, num_classes=num_classes)
     if weights_path and Path(weights_path).suffix == ".safetensors":
@@ -199,6 +204,12 @@ class ImageSet:
     x: torch.Tensor  # [N, C, H, W] float32, normalised
     y: torch.Tensor  # [N] int64
     paths: list[Path]
+    # (epoch, generator) -> the images that epoch trains on, for sets drawn afresh each epoch (replace,
+    # two_stage); None: these images every epoch
+    draw: Callable[[int, torch.Generator], ImageSet] | None = None
+
+    def for_epoch(self, epoch: int, gen: torch.Generator) -> ImageSet:
+        return self.draw(epoch, gen) if self.draw else self
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -240,7 +251,7 @@ def sample_synthetic(
     paths, labels = [], []
     for label, (cls, n_real) in enumerate(zip(class_names, real_counts, strict=True)):
         pool = synthetic_paths(synthetic_dir, cls)
-        wanted = min(len(pool), round(ratio * n_real))
+        wanted = len(pool) if math.isinf(ratio) else min(len(pool), round(ratio * n_real))
         rng = np.random.default_rng(derive_seed(seed, "synthetic", cls))
         chosen = sorted(rng.choice(len(pool), size=wanted, replace=False)) if wanted else []
         paths += [pool[i] for i in chosen]
@@ -443,10 +454,11 @@ def train_classifier(
     scheduler = _scheduler(opt, cfg)
     result, best_state, waited = TrainResult(model), copy.deepcopy(model.state_dict()), 0
     for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch"):
-        loss = _train_epoch(model, opt, train, cfg, spec, gen, device)
+        images = train.for_epoch(epoch, gen)
+        loss = _train_epoch(model, opt, images, cfg, spec, gen, device)
         if scheduler is not None:
             scheduler.step()
-        recalibrate_batchnorm(model, train.x, cfg.batch_size, device)
+        recalibrate_batchnorm(model, images.x, cfg.batch_size, device)
         scores = evaluate(model, val, num_classes)
         record = EpochRecord(epoch, loss, scores.accuracy, scores.macro_f1)
         result.history.append(record)
@@ -494,7 +506,9 @@ def load_splits(processed_dir: Path, synthetic_dir: Path, params: Params) -> Spl
     if cfg.synthetic_ratio <= 0:
         reason = "classifier.synthetic_ratio is 0"
     else:
-        paths, labels = sample_synthetic(synthetic_dir, class_names, real_counts, cfg.synthetic_ratio, params.seed)
+        # replace draws from every variant of a real image; the ratio sets its epoch size instead
+        ratio = math.inf if cfg.synthetic_use == "replace" else cfg.synthetic_ratio
+        paths, labels = sample_synthetic(synthetic_dir, class_names, real_counts, ratio, params.seed)
         if paths:
             synthetic = load_images(paths, labels, spec, desc="synthetic")
         else:
@@ -590,14 +604,69 @@ def repeated(images: ImageSet, size: int) -> ImageSet:
     return ImageSet(images.x[idx], images.y[idx], [images.paths[i] for i in idx.tolist()])
 
 
+def epoch_size(splits: Splits, cfg: ClassifierConfig) -> int:
+    """Images an epoch of the real + synthetic variant goes through (and of real only at equal steps)."""
+    if splits.synthetic is None:
+        return len(splits.train)
+    if cfg.synthetic_use == "replace":
+        return len(splits.train) + round(cfg.synthetic_ratio * len(splits.train))
+    return len(splits.train) + len(splits.synthetic)
+
+
+def source_names(synthetic: ImageSet) -> list[str]:
+    """The real train image each synthetic image was made from (its class folder's manifest.json)."""
+    manifests: dict[Path, dict[str, str]] = {}
+    out = []
+    for path in synthetic.paths:
+        folder = Path(path).parent
+        if folder not in manifests:
+            records = json.loads((folder / "manifest.json").read_text())["images"]
+            manifests[folder] = {r["file"]: r["source"] for r in records}
+        out.append(manifests[folder][Path(path).name])
+    return out
+
+
+def replacing(real: ImageSet, size: int, synthetic: ImageSet, probability: float) -> ImageSet:
+    """DA-Fusion's use: `real` repeated to `size`; each epoch swaps each image, with `probability`, for one of
+    the synthetic variants made from that real image (a real image without variants stays itself)."""
+    base = repeated(real, size)
+    by_source: dict[str, list[int]] = {}
+    for i, name in enumerate(source_names(synthetic)):
+        by_source.setdefault(name, []).append(i)
+    variants = [torch.tensor(by_source.get(Path(p).name, []), dtype=torch.long) for p in base.paths]
+
+    def draw(epoch: int, gen: torch.Generator) -> ImageSet:
+        swap, pick = torch.rand(size, generator=gen), torch.rand(size, generator=gen)
+        x, paths = base.x.clone(), list(base.paths)
+        for i, options in enumerate(variants):
+            if len(options) and swap[i] < probability:
+                j = int(options[int(pick[i] * len(options))])
+                x[i], paths[i] = synthetic.x[j], synthetic.paths[j]
+        return ImageSet(x, base.y, paths)
+
+    return ImageSet(base.x, base.y, base.paths, draw=draw)
+
+
+def two_stage(real: ImageSet, synthetic: ImageSet, cfg: ClassifierConfig) -> ImageSet:
+    """Real + synthetic for the first epochs, then real only (repeated to the same epoch size, so the steps
+    stay equal) for the last `finetune_fraction` of `epochs`."""
+    mixed = combine(real, synthetic)
+    tail, switch = repeated(real, len(mixed)), cfg.epochs - round(cfg.finetune_fraction * cfg.epochs)
+    return ImageSet(mixed.x, mixed.y, mixed.paths, draw=lambda epoch, gen: mixed if epoch <= switch else tail)
+
+
 def variant_train_set(splits: Splits, variant: str, cfg: ClassifierConfig) -> ImageSet:
-    """What a variant trains on: real + synthetic, or the real images (repeated to as many optimizer steps as
-    real + synthetic when `classifier.baseline_steps` is "equal")."""
+    """What a variant trains on: real + synthetic as `classifier.synthetic_use` says, or the real images
+    (repeated to as many optimizer steps when `classifier.baseline_steps` is "equal")."""
     synthetic = variant_synthetic(splits, variant)
     if synthetic is not None:
+        if cfg.synthetic_use == "replace":
+            return replacing(splits.train, epoch_size(splits, cfg), synthetic, cfg.replace_probability)
+        if cfg.synthetic_use == "two_stage":
+            return two_stage(splits.train, synthetic, cfg)
         return combine(splits.train, synthetic)
     if cfg.baseline_steps == "equal" and splits.synthetic is not None:
-        return repeated(splits.train, len(splits.train) + len(splits.synthetic))
+        return repeated(splits.train, epoch_size(splits, cfg))
     return splits.train
 
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from .data import heldout_paths, split_paths
-from .metrics import Scorer, load_image, nearest_distances, novelty
+from .metrics import Scorer, detail_ratio, load_image, nearest_distances, novelty
 from .prior import ssim  # prior.py is a command module owned elsewhere for now; ssim belongs in metrics
 
 
@@ -25,24 +24,6 @@ def closeness(scorer: Scorer, processed: Path, cls: str, fake: list[Path]) -> di
     ssims = [ssim(grey(f), grey(train[j])) for f, j in zip(fake, nearest.tolist(), strict=True)]
     return {"novelty": novelty(fake_feats, scorer.features(heldout_paths(processed, cls)), train_feats),
             "nearest_train_ssim": float(np.median(ssims))}
-
-
-DETAIL_SIZE = 128  # real and synthetic files may differ in size: fine detail is compared at one resolution
-
-
-def detail_energy(item) -> float:
-    """Mean squared Laplacian response of the grey image at DETAIL_SIZE px (pixels in [0, 1]): its fine detail."""
-    img = load_image(item).convert("L").resize((DETAIL_SIZE, DETAIL_SIZE), Image.Resampling.BILINEAR)
-    a = np.asarray(img, dtype=np.float32) / 255.0
-    laplacian = 4 * a[1:-1, 1:-1] - a[:-2, 1:-1] - a[2:, 1:-1] - a[1:-1, :-2] - a[1:-1, 2:]
-    return float(np.mean(laplacian**2))
-
-
-def detail_ratio(real: list[Path], fake: list[Path]) -> float:
-    """Fine detail of the synthetic images over that of real ones: 1 = as much, < 1 = blurrier, > 1 = noisier.
-    A blurred copy of a train image can score a good FID and still lose the thin cracks and small pits that
-    tell the defect classes apart."""
-    return float(np.mean([detail_energy(f) for f in fake]) / np.mean([detail_energy(r) for r in real]))
 
 
 def evaluate_sets(processed: Path, synthetic: dict[str, list[Path]], scorer: Scorer) -> dict:
