@@ -31,31 +31,13 @@ def machine() -> dict:
 
 
 def sd15_folder(tmp: Path) -> Path:
-    """SD 1.5's shapes (U-Net 320-1280, VAE 128-512, CLIP-L text encoder), random weights, tiny tokenizer."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """SD 1.5's exact architecture and CLIP's real tokenizer, random fp16 weights (`stablesdg base build-random`)."""
+    from stablesdg.basemodels import build_random_base
 
-    from stablesdg.diffusion import write_tiny_tokenizer
-
-    write_tiny_tokenizer(tmp / "tok")
-    tokenizer = CLIPTokenizer.from_pretrained(tmp / "tok")
-    pipe = StableDiffusionImg2ImgPipeline(
-        vae=AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
-                          sample_size=512),
-        text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
-                                                  num_hidden_layers=12, num_attention_heads=12)),
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel(sample_size=64, cross_attention_dim=768),  # SD 1.5 defaults
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(tmp / "sd15")
-    return tmp / "sd15"
+    return build_random_base("sd15", tmp / "sd15")
 
 
-def run(params, processed: Path, tmp: Path, steps: int, n_images: int) -> dict:
+def run(params, processed: Path, tmp: Path, steps: int, n_images: int, prepare=None) -> dict:
     from stablesdg.adaptation import AdaptRun, class_data, enable_cuda_speedups
     from stablesdg.diffusion import load_base_pipeline
     from stablesdg.generation import render
@@ -67,7 +49,9 @@ def run(params, processed: Path, tmp: Path, steps: int, n_images: int) -> dict:
     device = pick_device(params.adapt.device)
     t0 = time.perf_counter()
     pipe = load_base_pipeline(params.model, device)
-    enable_cuda_speedups(pipe, params, device)
+    enable_cuda_speedups(pipe, params.adapt, device)
+    if prepare is not None:  # a benchmark's own change to the loaded pipeline (e.g. diffusers' example casts)
+        prepare(pipe)
     times = {"load_s": time.perf_counter() - t0}
     stamps: dict[str, list[float]] = {"embedding": [], "lora": []}
 

@@ -228,7 +228,7 @@ def test_adaptation_resumed_after_interruption_equals_straight_run(processed, tm
 
 def test_offline_hub_id_names_what_to_download():
     params = small_params(model={"base": "someone/no-such-model-xyz"})
-    with pytest.raises(BaseModelError, match=r"huggingface-cli download someone/no-such-model-xyz"):
+    with pytest.raises(BaseModelError, match=r"`hf download someone/no-such-model-xyz"):
         load_base_pipeline(params.model)
 
 

@@ -27,7 +27,7 @@ LONG_FUNCTIONS: set[str] = set()
 # The two library modules that wrap MLflow for the stages and commands (runs, the registry): no click either.
 MLFLOW_HOMES = ("tracking", "registry")
 CODE_DEPS_MARK = "# the code it runs: every module `stablesdg.stages."
-STAGE_MODULES = {"demo": "demo", "ingest": "ingest", "adapt": "adapt", "features": "features", "search": "search",
+STAGE_MODULES = {"demo": "demo", "ingest": "ingest", "check-base": "check_base", "adapt": "adapt", "features": "features", "search": "search",
                  "generate": "generate", "evaluate": "evaluate", "train": "train", "export": "export"}
 
 

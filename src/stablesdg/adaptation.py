@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from .config import AdaptConfig, AugmentConfig, LoraStageConfig, Params
 from .data import split_paths
-from .diffusion import EMBEDS_FILE, LORA_FILE, base_model_fingerprint, base_model_record, load_base_pipeline
+from .diffusion import EMBEDS_FILE, LORA_FILE, base_model_record, load_base_pipeline
 from .errors import AdaptationError
+from .preflight import base_model_fingerprint, initializer_message, initializer_problem
 from .utils import canonical_safetensors_header, derive_seed, pick_device, sha256_file, write_json
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -111,14 +112,12 @@ def diffusion_loss(pipe, pixels: torch.Tensor, input_ids: torch.Tensor, gen: tor
 
 
 # --------------------------------------------------------------------------------------- stage 1
-def add_placeholder_token(pipe, placeholder: str, initializer: str) -> int:
+def add_placeholder_token(pipe, placeholder: str, initializer: str, cls: str = "*") -> int:
     """Add `placeholder` to the tokenizer, its embedding row initialised from the initializer word."""
     init_ids = pipe.tokenizer.encode(initializer, add_special_tokens=False)
-    if len(init_ids) != 1:
-        raise AdaptationError(
-            f"classes.*.initializer: {initializer!r} is {len(init_ids)} tokens for this tokenizer; use one word "
-            "the tokenizer knows as a single token"
-        )
+    if len(init_ids) != 1:  # check-base and the stage's preflight stop earlier; this guards library callers
+        emb = pipe.text_encoder.get_input_embeddings().weight.detach()
+        raise AdaptationError(initializer_message(initializer_problem(pipe.tokenizer, cls, initializer, emb)))
     if pipe.tokenizer.add_tokens(placeholder) != 1:
         raise AdaptationError(f"model.placeholder: {placeholder!r} already exists in the tokenizer")
     token_id = pipe.tokenizer.convert_tokens_to_ids(placeholder)
@@ -364,7 +363,7 @@ class AdaptRun:
     def run(self, pipe) -> dict | None:
         """Adapt `pipe` in place. Returns the adapter record, or None when stopped before the end."""
         freeze_all(pipe)
-        token_id = add_placeholder_token(pipe, self.data.placeholder, self.data.initializer)
+        token_id = add_placeholder_token(pipe, self.data.placeholder, self.data.initializer, self.data.name)
         fp = checkpoint_fingerprint(self.params, self.data)
         ckpt = load_checkpoint(self.checkpoint_dir / "checkpoint.pt", fp)
         self.losses = list(ckpt["losses"]) if ckpt else []

@@ -39,6 +39,7 @@ DATA_COMMANDS = {
 }
 LAZY_COMMANDS = {
     # dvc.yaml stages
+    "check-base": "stablesdg.stages.check_base:check_base_command",
     "adapt": "stablesdg.stages.adapt:adapt_command",
     "features": "stablesdg.stages.features:features_command",
     "search": "stablesdg.stages.search:search_command",
@@ -47,6 +48,7 @@ LAZY_COMMANDS = {
     "train": "stablesdg.stages.train:train_command",
     "export": "stablesdg.stages.export:export_command",
     # other commands
+    "base": "stablesdg.commands.base:base_group",
     "registry": "stablesdg.commands.registry:registry_group",
     "ablation": "stablesdg.commands.ablation:ablation_command",
     "pretrain": "stablesdg.commands.pretrain:pretrain_group",

@@ -122,6 +122,7 @@ class AdaptConfig:
     prompt_templates: list[str] = _list(["A photo of {}", "A close-up photo of {}", "A grayscale photo of {}"])
     checkpoint_every: int = bounded(20, 1, 1_000_000)
     grid_every: int = bounded(0, 0, 1_000_000)
+    sample_images: int = bounded(4, 0, 64)  # real-vs-generated grid after training (MLflow); 0: none
     mixed_precision: str = choice("auto", "no", "fp16", "bf16", default="auto")
     gradient_checkpointing: bool = True
     device: str = "auto"
@@ -142,6 +143,8 @@ class GenerateConfig:
     use_search: bool = True
     batch_size: int = bounded(8, 1, 1024)
     device: str = "auto"
+    # Weights and activations while generating (search trials too): auto = fp16 on CUDA, fp32 elsewhere.
+    precision: str = choice("auto", "fp32", "fp16", "bf16", default="auto")
     # Denoising resolution; null = model.resolution. The U-Net and VAE are convolutional, so a small prior can
     # render at the classifier's scale and keep structures that a smaller render would erase.
     resolution: int | None = bounded(None, 32, 2048)

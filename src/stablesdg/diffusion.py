@@ -21,7 +21,6 @@ import torch
 
 from .config import ModelConfig
 from .errors import StableSDGError
-from .utils import sha256_file
 
 # The pretrained prior shipped in the package (`model.base: embedded`; built by `stablesdg prior pretrain`).
 EMBEDDED_PRIOR = Path(__file__).parent / "assets" / "prior"
@@ -186,32 +185,22 @@ def resolve_base_model(model_cfg: ModelConfig) -> tuple[str, str | None]:
     return model_cfg.base, model_cfg.revision
 
 
-def base_model_fingerprint(model_cfg: ModelConfig) -> str:
-    """The base model's identity: a local folder by the content of every file (a re-pretrained prior is another
-    model under the same path), a hub id by id@revision."""
-    source, revision = resolve_base_model(model_cfg)
-    folder = Path(source)
-    if not folder.is_dir():
-        return f"{source}@{revision}"
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
-
-
-def _offline_hint(model_id: str) -> str:
+def offline_hint(model_id: str) -> str:
     name = model_id.rstrip("/").split("/")[-1]
     return (
         f"base model {model_id!r} is neither a local folder nor in the Hugging Face cache, and the Hub cannot be "
-        f"reached. On a machine with network run `huggingface-cli download {model_id} --local-dir "
-        f"models/base/{name}`, copy that folder here and set `model.base: models/base/{name}` in params.yaml "
+        f"reached. On a machine with network run `hf download {model_id} --local-dir "
+        f"models/base/{name}` (huggingface_hub's CLI), copy that folder here and set "
+        f"`model.base: models/base/{name}` in params.yaml "
         "(or set model.base: tiny for the built-in model)."
     )
 
 
 def load_base_pipeline(model_cfg: ModelConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """StableDiffusionImg2ImgPipeline for `model.base` (tiny, local folder or hub id), safety checker off."""
+    """StableDiffusionImg2ImgPipeline for `model.base` (tiny, local folder or hub id), safety checker off.
+
+    A real SD folder's model_index.json lists a safety checker and its feature extractor: passing None for both
+    skips them (they are not needed to adapt or generate, and a copied folder often lacks them)."""
     from diffusers import StableDiffusionImg2ImgPipeline  # lazy: slow to import
 
     source, revision = resolve_base_model(model_cfg)
@@ -226,7 +215,7 @@ def load_base_pipeline(model_cfg: ModelConfig, device: str = "cpu", dtype: torch
     except OSError as err:
         if local.exists():
             raise BaseModelError(f"{local}: incomplete diffusers folder: {err}") from err
-        raise BaseModelError(_offline_hint(source)) from err
+        raise BaseModelError(offline_hint(source)) from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

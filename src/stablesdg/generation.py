@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .config import GenerateConfig, ModelConfig, Params
+from .config import ConfigError, GenerateConfig, ModelConfig, Params
 from .data import split_paths
 from .diffusion import EMBEDS_FILE, LORA_FILE, base_model_record, load_base_pipeline
 from .errors import MissingInputError
@@ -40,12 +40,22 @@ class Settings:
         return self.mode == "txt2img" or self.strength >= 1.0
 
 
-def load_adapted_pipeline(model: ModelConfig, cls: str, adapter_dir: Path, device: str = "cpu"):
+def generation_dtype(precision: str, device: str) -> torch.dtype:
+    """generate.precision on this device: `auto` is fp16 on CUDA (diffusers' usual inference precision)."""
+    if precision == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if precision == "fp16" and device == "cpu":  # diffusers' fp16 U-Net fails on CPU with a dtype mismatch
+        raise ConfigError("generate.precision: fp16 needs a GPU; on the CPU use bf16 or fp32 (or auto)")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def load_adapted_pipeline(model: ModelConfig, cls: str, adapter_dir: Path, device: str = "cpu",
+                          dtype: torch.dtype = torch.float32):
     """Base model + the class's adapter files, through the stock diffusers loaders a user would call."""
     for name in (EMBEDS_FILE, LORA_FILE):
         if not (adapter_dir / name).exists():
             raise MissingInputError(f"{adapter_dir / name} not found: run `dvc repro adapt@{cls}` first")
-    pipe = load_base_pipeline(model, device)
+    pipe = load_base_pipeline(model, device, dtype)
     pipe.load_textual_inversion(str(adapter_dir), weight_name=EMBEDS_FILE)
     pipe.load_lora_weights(str(adapter_dir), weight_name=LORA_FILE)
     return pipe
@@ -134,6 +144,7 @@ def fingerprint(params: Params, settings: Settings, adapter_hashes: dict, source
         "resolution": generation_resolution(params.generate, params.model), "size": params.data.image_size, "mode": params.data.color_mode,
         "placeholder": params.model.placeholder, "batch": params.generate.batch_size,
         **({"strengths": params.generate.strengths} if params.generate.strengths else {}),
+        **({"precision": params.generate.precision} if params.generate.precision != "auto" else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -170,7 +181,9 @@ def generate_class(params: Params, cls: str, processed: Path, adapter_dir: Path,
     batches = [items[i:i + bs] for i in range(0, len(items), bs)]
     todo = [b for b in batches if not all(it["file"] in kept for it in b)]
     if todo and pipe is None:
-        pipe = load_adapted_pipeline(params.model, cls, adapter_dir, pick_device(params.generate.device))
+        device = pick_device(params.generate.device)
+        pipe = load_adapted_pipeline(params.model, cls, adapter_dir, device,
+                                     generation_dtype(params.generate.precision, device))
     for done, batch in enumerate(tqdm(todo, desc=f"generate {cls}", unit="batch")):
         if stop_after_batches is not None and done >= stop_after_batches:
             break

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 from pathlib import Path
@@ -65,11 +66,23 @@ def sha256_tree(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def strict_json_values(data: Any) -> Any:
+    """NaN and +-inf as null: strict JSON parsers (and other languages' readers) reject bare `NaN`."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: strict_json_values(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [strict_json_values(v) for v in data]
+    return data
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    text = json.dumps(strict_json_values(data), indent=2, sort_keys=False, default=str, allow_nan=False)
+    tmp.write_text(text + "\n")
     os.replace(tmp, path)  # atomic: an interrupted stage never leaves half a JSON file
     return path
 

@@ -17,6 +17,7 @@ from .. import tracking
 from ..adaptation import AdaptRun, ClassData, prepare_adaptation, process_state
 from ..config import Params
 from ..generation import render
+from ..preflight import require_base
 from ..utils import derive_seed
 from ..viz import image_grid
 from .common import ADAPTERS, PROCESSED, class_option, cli_errors, load_for_class, params_option, path_option
@@ -32,9 +33,9 @@ def write_loss_csv(path: Path, losses: list[tuple[int, str, float]]) -> None:
             writer.writerow([step + (offset if stage == "lora" else 0), stage, f"{loss:.6f}"])
 
 
-def adapt_grid(pipe, params: Params, data: ClassData, n: int = 4) -> Image.Image:
-    """Real training images over images the adapted model makes from them."""
-    sources = data.files[:n]
+def adapt_grid(pipe, params: Params, data: ClassData) -> Image.Image:
+    """Real training images over images the adapted model makes from them (adapt.sample_images of each)."""
+    sources = data.files[:params.adapt.sample_images]
     fakes = render(pipe, params, data.name, sources, strength=params.generate.strength,
                    guidance_scale=params.generate.guidance_scale, steps=params.generate.steps,
                    seeds=[derive_seed(params.seed, data.name, "grid", i) for i in range(len(sources))])
@@ -51,7 +52,8 @@ def tracked_run(run: AdaptRun, pipe, reports: Path, inputs: list[Path]) -> dict 
         if record:
             write_loss_csv(reports / f"{cls}_loss.csv", run.losses)
             mlflow.log_artifacts(str(run.out_dir), artifact_path="adapter")
-            tracking.log_image(adapt_grid(pipe, run.params, run.data), f"grids/{cls}_real_vs_generated.png")
+            if run.params.adapt.sample_images:  # at real size on a CPU the grid cost more than the training
+                tracking.log_image(adapt_grid(pipe, run.params, run.data), f"grids/{cls}_real_vs_generated.png")
     return record
 
 
@@ -66,6 +68,7 @@ def tracked_run(run: AdaptRun, pipe, reports: Path, inputs: list[Path]) -> dict 
 def adapt_command(cls: str, params_path: str, processed: Path, out: Path, reports: Path, checkpoints: Path) -> None:
     """Textual inversion, then LoRA (U-Net + text encoder) on the class's k-shot images."""
     params = load_for_class(params_path, cls)
+    require_base(params, [cls])  # check-base's checks: a two-token initializer stops here, not after loading
     pipe, run = prepare_adaptation(params, cls, processed, out, checkpoints)
     dist = process_state()
     record = tracked_run(run, pipe, reports, [processed / "images" / cls]) if dist.is_main_process else run.run(pipe)

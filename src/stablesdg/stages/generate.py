@@ -9,6 +9,7 @@ import click
 import torch
 
 from ..generation import generate_class, generation_resolution
+from ..preflight import require_base
 from .common import (
     ADAPTERS,
     PROCESSED,
@@ -34,6 +35,7 @@ def generate_command(cls: str, params_path: str, processed: Path, adapters: Path
                      out: Path) -> None:
     """Synthetic images for one class from its real training images (img2img) with the adapted model."""
     params = load_for_class(params_path, cls)
+    require_base(params, [])  # check-base's file checks: a missing file stops here, before any loading
     if generation_resolution(params.generate, params.model) < params.model.resolution:
         click.echo(f"warning: generate.resolution {params.generate.resolution} is below model.resolution "
                    f"{params.model.resolution}: images lose detail (set generate.resolution: null)", err=True)

@@ -12,8 +12,9 @@ import mlflow
 from .. import tracking
 from ..config import Params
 from ..data import heldout_paths, split_paths
-from ..generation import load_adapted_pipeline
+from ..generation import generation_dtype, load_adapted_pipeline
 from ..metrics import MetricsError, load_scorer
+from ..preflight import require_base
 from ..search import SearchRun, fid_by_strength, search_summary
 from ..utils import pick_device, write_json
 from ..viz import line_plot, save_image
@@ -51,7 +52,9 @@ def search_class(params: Params, cls: str, processed: Path, adapter_dir: Path, o
     if len(real) < 2:
         raise MetricsError(f"{cls}: {len(real)} held-out (val + pool) images; FID needs at least 2 "
                            "(raise data.val_per_class)")
-    pipe = load_adapted_pipeline(params.model, cls, adapter_dir, pick_device(params.generate.device))
+    device = pick_device(params.generate.device)
+    pipe = load_adapted_pipeline(params.model, cls, adapter_dir, device,
+                                 generation_dtype(params.generate.precision, device))
     run = SearchRun(params, cls, pipe, split_paths(processed, cls, "train"), real, scorer)
     return tracked_search(run, adapter_dir, processed, out_dir)
 
@@ -94,6 +97,7 @@ def tracked_search(run: SearchRun, adapter_dir: Path, processed: Path, out_dir: 
 def search_command(cls: str, params_path: str, processed: Path, adapters: Path, out: Path) -> None:
     """FID-guided grid + refinement over strength, guidance and steps for one class (held-out reference)."""
     params = load_for_class(params_path, cls)
+    require_base(params, [])  # check-base's file checks: a missing file stops here, before any loading
     summary = search_class(params, cls, processed, adapters / cls, out)
     b, key = summary["best"], summary["metric"]
     click.echo(f"search {cls}: {len(summary['trials'])} trials, best strength {b['strength']}, guidance "
