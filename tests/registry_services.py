@@ -6,7 +6,10 @@ initdb refuses root, so as root the cluster runs as the `postgres` system user (
 
 from __future__ import annotations
 
+import base64
 import glob
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -14,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -140,3 +144,42 @@ def setup_plant(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
         for key, value in registry.env("admin", ADMIN_PASSWORD).items():
             m.setenv(key, value)
         setup_accounts(registry.uri, MODEL, EXPERIMENT, ACCOUNTS)
+
+
+def http(registry, method: str, path: str, user: str, password: str, body: dict | None = None):
+    """(status, parsed body) of one REST call with basic auth."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{registry.uri}{path}", data=data, method=method)
+    request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def publish(registry, monkeypatch, onnx_file: Path, macro_f1: float, commit: str) -> str:
+    """As the engineer: one run with the ONNX (as `export` logs it) and a registered version tagged like export."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    for key, value in registry.env("erin", registry.password("erin")).items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(registry.uri)
+    mlflow.set_registry_uri(registry.uri)
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name="export") as run:
+        mlflow.log_artifact(str(onnx_file), artifact_path="onnx")
+    client = MlflowClient(registry.uri, registry.uri)
+    digest = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    mv = client.create_model_version(MODEL, f"{run.info.artifact_uri}/onnx", run_id=run.info.run_id, tags={
+        "onnx_sha256": digest, "onnx_export_run_id": run.info.run_id, "test_macro_f1": repr(macro_f1),
+        "git_commit": commit})
+    return str(mv.version)
+
+
+def set_alias(registry, user: str, version: str, alias: str = "champion") -> int:
+    status, _ = http(registry, "POST", "/api/2.0/mlflow/registered-models/alias", user, registry.password(user),
+                     {"name": MODEL, "alias": alias, "version": version})
+    return status

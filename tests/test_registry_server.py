@@ -2,63 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
-from registry_services import ADMIN_PASSWORD, EXPERIMENT, MODEL, postgres, setup_plant, start_server, stop_server
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    root = tmp_path_factory.mktemp("registry")
-    with postgres() as pg_uri:
-        server = start_server(root, pg_uri)
-        try:
-            with pytest.MonkeyPatch.context() as m:
-                setup_plant(server, m)
-            yield server
-        finally:
-            stop_server(server)
-
-
-def http(registry, method: str, path: str, user: str, password: str, body: dict | None = None):
-    """(status, parsed body) of one REST call with basic auth."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{registry.uri}{path}", data=data, method=method)
-    request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-
-
-def publish(registry, monkeypatch, onnx_file: Path, macro_f1: float, commit: str) -> str:
-    """As the engineer: one run with the ONNX (as `export` logs it) and a registered version tagged like export."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    for key, value in registry.env("erin", registry.password("erin")).items():
-        monkeypatch.setenv(key, value)
-    mlflow.set_tracking_uri(registry.uri)
-    mlflow.set_registry_uri(registry.uri)
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name="export") as run:
-        mlflow.log_artifact(str(onnx_file), artifact_path="onnx")
-    client = MlflowClient(registry.uri, registry.uri)
-    digest = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
-    mv = client.create_model_version(MODEL, f"{run.info.artifact_uri}/onnx", run_id=run.info.run_id, tags={
-        "onnx_sha256": digest, "onnx_export_run_id": run.info.run_id, "test_macro_f1": repr(macro_f1),
-        "git_commit": commit})
-    return str(mv.version)
+from registry_services import ADMIN_PASSWORD, MODEL, http, publish
 
 
 @pytest.fixture

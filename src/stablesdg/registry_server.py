@@ -1,7 +1,7 @@
 """The shared registry: `mlflow server` on PostgreSQL with proxied artifacts and MLflow's basic-auth app.
 
 Nothing here serves HTTP itself: it writes basic-auth's configuration, builds the `mlflow server` command and
-grants the plant's roles through MLflow's own auth REST API (`AuthServiceClient`). Roles, as MLflow
+grants the plant's roles through MLflow's own auth REST API. Roles, as MLflow
 permissions on the registered model:
 - engineer: EDIT on the experiment and the registered model (log runs, register versions, set tags);
 - approver: MANAGE on the registered model; the only non-admin who may move `champion` (registry_auth.py);
@@ -20,6 +20,7 @@ from .errors import RegistryError
 
 AUTH_FUNCTION = "stablesdg.registry_auth:authenticate_and_guard_champion"
 SERVER_ENV = ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD")
+USERS_CREATE, PERMISSIONS_GRANT = "/api/2.0/mlflow/users/create", "/api/3.0/mlflow/users/permissions/grant"
 ROLES = ("engineer", "approver", "line")
 ROLE_PERMISSIONS = {  # (experiment, registered model); None: the default (READ)
     "engineer": ("EDIT", "EDIT"),
@@ -76,9 +77,15 @@ def setup_accounts(tracking_uri: str, model_name: str, experiment: str, accounts
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-    from mlflow.server import get_app_client
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
 
-    auth = get_app_client("basic-auth", tracking_uri=tracking_uri)
+    creds = get_default_host_creds(tracking_uri)
+
+    def call(endpoint: str, body: dict) -> None:  # the auth app's REST API, as its AuthServiceClient calls it;
+        # importing that client loads the whole server (minutes on a busy 2-core PC)
+        verify_rest_response(http_request(creds, endpoint, "POST", json=body), endpoint)
+
     client = MlflowClient(tracking_uri, tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
@@ -91,7 +98,7 @@ def setup_accounts(tracking_uri: str, model_name: str, experiment: str, accounts
         if account.role not in ROLES:
             raise RegistryError(f"account {account.username}: role {account.role!r} is not one of {ROLES}")
         try:
-            auth.create_user(account.username, account.password)
+            call(USERS_CREATE, {"username": account.username, "password": account.password})
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -99,5 +106,6 @@ def setup_accounts(tracking_uri: str, model_name: str, experiment: str, accounts
                 ("experiment", "registered_model"), (experiment_id, model_name),
                 ROLE_PERMISSIONS[account.role], strict=True):
             if permission is not None:
-                auth.grant_user_permission(account.username, resource_type, resource_id, permission)
+                call(PERMISSIONS_GRANT, {"username": account.username, "resource_type": resource_type,
+                                         "resource_id": resource_id, "permission": permission})
     return {a.username: a.role for a in accounts}

@@ -11,8 +11,8 @@ import click
 
 from ..registry import client, list_versions, promote, rollback
 from ..registry_server import Account, auth_config, server_command, server_env, setup_accounts
-from ..tracking import tracking_uri
 from ..stages.common import cli_errors, load_or_exit, params_option
+from ..tracking import tracking_uri
 
 
 def _name(params_path: str, name: str | None) -> str:
