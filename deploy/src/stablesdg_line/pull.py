@@ -90,8 +90,8 @@ class RegistryClient:
         except OSError as err:
             raise PullError(f"registry {self.base_url} unreachable: {err}") from err
 
-    def get_json(self, path: str, **params: str) -> dict:
-        with self._open(path, params) as response:
+    def get_json(self, endpoint: str, **params: str) -> dict:
+        with self._open(endpoint, params) as response:
             return json.load(response)
 
     def download(self, path: str, target: Path) -> str:
