@@ -21,7 +21,8 @@ from pathlib import Path
 import click
 import torch
 
-from stablesdg.classifier import combine, evaluate, load_splits, train_classifier
+from stablesdg.classifier import evaluate, train_classifier
+from stablesdg.comparison import combine, load_splits
 from stablesdg.config import load_params
 from stablesdg.export import export_onnx
 

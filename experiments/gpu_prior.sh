@@ -35,7 +35,7 @@ PY
 
 pretrain() {  # name, then recipe options
   local name=$1; shift
-  $PY -c 'import sys; from stablesdg.prior import prior_group; prior_group(sys.argv[1:])' pretrain \
+  $PY -c 'import sys; from stablesdg.commands.prior import prior_group; prior_group(sys.argv[1:])' pretrain \
     --corpus "${CORPUS:-.gpu/corpus}" --out "$STAGE/prior_$name" --device "$DEVICE" --vae-seconds "$VAE_S" \
     --unet-seconds "$UNET_S" --workers "$WORKERS" --latent-views 8 --ema-decay 0.9995 "$@" ${EXTRA:-} \
     > "$OUT/log_$name.txt" 2>&1

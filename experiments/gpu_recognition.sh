@@ -29,7 +29,7 @@ PY
   ;;
 run)
   export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
-  python3 -c 'import sys; from stablesdg.recognition import recognition_command; recognition_command(sys.argv[1:])' \
+  python3 -c 'import sys; from stablesdg.commands.recognition import recognition_command; recognition_command(sys.argv[1:])' \
     --params "$REC/params.yaml" --processed "$REC/processed" --synthetic "$REC/synthetic" --seeds "${SEEDS:-5}" \
     --weights "$WEIGHTS" --out "${OUT:-reports/recognition}" --no-track
   ;;

@@ -14,8 +14,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from stablesdg.corpus import image_files, manifest_sha256
-from stablesdg.prior import PACKING_FILE
+from stablesdg.pretraining.corpus import image_files, manifest_sha256
+from stablesdg.pretraining.prior import PACKING_FILE
 from stablesdg.utils import write_json
 
 

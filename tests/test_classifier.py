@@ -21,15 +21,13 @@ from stablesdg.classifier import (
     build_backbone,
     classification_metrics,
     evaluate,
-    load_splits,
     load_weights,
     make_spec,
-    repeated,
     sample_synthetic,
     train_classifier,
-    variant_train_set,
     weights_file_name,
 )
+from stablesdg.comparison import load_splits, repeated, source_names, variant_train_set
 from stablesdg.config import BACKBONES, parse_params
 from stablesdg.demo import write_demo_dataset
 from stablesdg.registry import CHAMPION, alias_version, client
@@ -269,3 +267,72 @@ def test_registered_version_has_a_model_card_with_the_declared_figures(data, mlf
     size = summary["real_only"]["epoch_size"]  # equal steps: both variants go through as many images an epoch
     assert size == summary["real_plus_synthetic"]["epoch_size"]
     assert f"<td>training images an epoch</td><td>{size}</td><td>{size}</td>" in text
+
+
+def _with_manifests(processed: Path, synthetic: Path, dest: Path) -> Path:
+    """The fixture's synthetic folder plus the manifest the generate stage writes: image i made from train
+    image i mod k of its class."""
+    from stablesdg.data import split_paths
+
+    for cls in CLASSES:
+        (dest / cls).mkdir(parents=True)
+        train = split_paths(processed, cls, "train")
+        records = []
+        for i, src in enumerate(sorted((synthetic / cls).glob("*.png"))):
+            (dest / cls / src.name).write_bytes(src.read_bytes())
+            records.append({"file": src.name, "source": train[i % len(train)].name})
+        (dest / cls / "manifest.json").write_text(json.dumps({"images": records}))
+    return dest
+
+
+def test_replace_swaps_real_images_for_their_own_variants_at_equal_steps(data, tmp_path):
+    processed, synthetic = data
+    synthetic = _with_manifests(processed, synthetic, tmp_path / "synthetic")
+    params = classifier_params(synthetic_use="replace", replace_probability=0.5, synthetic_ratio=2.0)
+    splits = load_splits(processed, synthetic, params)
+    assert len(splits.synthetic) == 18, "replace draws from every variant, not a ratio sample"
+    train = variant_train_set(splits, "real_plus_synthetic", params.classifier)
+    baseline = variant_train_set(splits, "real_only", params.classifier)
+    assert len(train) == len(baseline) == 36, "real x (1 + ratio): the same optimizer steps as real only"
+    source_of = dict(zip(map(str, splits.synthetic.paths), source_names(splits.synthetic), strict=True))
+    swapped_share = []
+    for epoch in range(1, 6):
+        drawn = train.for_epoch(epoch, torch.Generator().manual_seed(epoch))
+        assert torch.equal(drawn.y, baseline.y)
+        swapped = [i for i, p in enumerate(drawn.paths) if p != baseline.paths[i]]
+        for i in swapped:  # a variant of the very image it replaces, of its class
+            assert source_of[str(drawn.paths[i])] == Path(baseline.paths[i]).name
+            j = splits.synthetic.paths.index(drawn.paths[i])
+            assert torch.equal(drawn.x[i], splits.synthetic.x[j])
+        untouched = [i for i in range(len(drawn)) if i not in swapped]
+        assert torch.equal(drawn.x[untouched], baseline.x[untouched])
+        swapped_share.append(len(swapped) / len(drawn))
+    assert 0.3 < np.mean(swapped_share) < 0.7
+    again = train.for_epoch(1, torch.Generator().manual_seed(1))
+    assert again.paths == train.for_epoch(1, torch.Generator().manual_seed(1)).paths
+    never = classifier_params(synthetic_use="replace", replace_probability=0.0, synthetic_ratio=2.0)
+    drawn = variant_train_set(splits, "real_plus_synthetic", never.classifier).for_epoch(1, torch.Generator())
+    assert drawn.paths == baseline.paths
+
+
+def test_two_stage_ends_on_real_images_only_at_the_same_epoch_size(data):
+    processed, synthetic = data
+    params = classifier_params(synthetic_use="two_stage", finetune_fraction=0.25, epochs=8)
+    splits = load_splits(processed, synthetic, params)
+    train = variant_train_set(splits, "real_plus_synthetic", params.classifier)
+    gen = torch.Generator()
+    first, last = train.for_epoch(6, gen), train.for_epoch(7, gen)
+    assert len(first) == len(last) == len(splits.train) + len(splits.synthetic)
+    assert any(p in splits.synthetic.paths for p in first.paths)
+    assert set(last.paths) == set(splits.train.paths), "the last 2 of 8 epochs see real images only"
+    result = train_classifier(train, splits.val, splits.spec, params.classifier, seed=1)
+    assert len(result.history) >= 1 and np.isfinite(result.history[0].train_loss)
+
+
+def test_efficientnet_lite0_trains_from_imagenet_weights(data):
+    processed, synthetic = data
+    params = classifier_params(backbone="efficientnet_lite0", pretrained="imagenet", epochs=1)
+    splits = load_splits(processed, synthetic, params)
+    result = train_classifier(splits.train, splits.val, splits.spec, params.classifier, seed=1)
+    assert result.model.classifier.out_features == len(CLASSES)
+    assert np.isfinite(result.history[0].train_loss)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -109,3 +111,71 @@ def test_successful_ingest_swaps_in_a_complete_output(tmp_path):
     assert summary["images"] == len(valid) + len(other)
     assert not (out / "images" / "stale").exists() and (out / "manifest.csv").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "source"]
+
+
+# ----------------------------------------------------------------------------- issue 24: names and disks
+def test_a_non_utf8_file_name_is_ingested_not_fatal(tmp_path):
+    source, out = tmp_path / "source", tmp_path / "processed"
+    write_other_class(source / "inclusion")
+    (source / "crazing").mkdir()
+    odd = os.fsdecode(b"frame\xff\xfe.png")
+    for i, name in enumerate((odd, "plain.png", "other.png")):
+        Image.new("RGB", (40, 30), (40 * i, 200, 10)).save(source / "crazing" / name)
+    summary = ingest(source, out, DataConfig(**CFG), ["crazing", "inclusion"], seed=0)
+    assert summary["images"] == 6 and summary["quarantined"] == 0
+    rows = read_manifest(out)
+    (row,) = [r for r in rows if r["source_file"].startswith("crazing/frame")]
+    assert row["source_file"] == "crazing/frame\\udcff\\udcfe.png"
+    assert row["path"].startswith("images/crazing/frame__") and (out / row["path"]).is_file()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs: a full disk for real (needs root, as in CI; skipped elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_an_error_about_the_output_and_keeps_the_previous_output(tmp_path, small_disk):
+    source, out = tmp_path / "source", small_disk / "processed"
+    write_other_class(source / "inclusion")
+    (source / "crazing").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(source / "crazing" / name, "PNG")
+    ingest(source, out, DataConfig(**CFG), ["crazing", "inclusion"], seed=0)  # the previous output
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    rng = np.random.default_rng(0)
+    for i in range(8):  # incompressible: ~1 MB a PNG, far more than the 2 MB disk holds
+        Image.fromarray(rng.integers(0, 256, (600, 600, 3), dtype=np.uint8)).save(source / "crazing" / f"n{i}.png")
+    cfg = DataConfig(**{**CFG, "image_size": 600})
+    with pytest.raises(DataError) as caught:
+        ingest(source, out, cfg, ["crazing", "inclusion"], seed=0)
+    message = str(caught.value)
+    assert "no space left" in message and str(small_disk) in message and "MB free" in message
+    assert "no valid image" not in message and "cannot read file" not in message
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert not (small_disk / ".processed.partial").exists()
+
+
+SHA256_TREE_IN_CHILD = """
+import sys
+from stablesdg.utils import sha256_tree
+print(sha256_tree(sys.argv[1]))
+"""
+
+
+def test_sha256_tree_of_a_source_with_an_unreadable_file_does_not_stop_the_stage(tmp_path):
+    source = tmp_path / "source"
+    write_other_class(source / "inclusion")
+    (source / "inclusion" / "locked.png").write_bytes(b"x")
+    (source / "inclusion" / "locked.png").chmod(0)
+    result = subprocess.run([sys.executable, "-c", SHA256_TREE_IN_CHILD, str(source)], capture_output=True,
+                            text=True, timeout=120, preexec_fn=badinputs.drop_file_permission_override)
+    assert result.returncode == 0, result.stderr  # before the fix: PermissionError traceback
+    assert len(result.stdout.strip()) == 64
+    assert "cannot read" in result.stderr and "locked.png" in result.stderr

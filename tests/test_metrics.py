@@ -10,21 +10,17 @@ from conftest import REPO_ROOT
 from PIL import Image
 
 from stablesdg.config import NEU_CLASSES, MetricsConfig, parse_params
-from stablesdg.corpus import FolderCorpus
 from stablesdg.demo import demo_image
+from stablesdg.errors import FeatureWeightsError
+from stablesdg.inception import INCEPTION_FILE, INCEPTION_URL, InceptionPool3
 from stablesdg.metrics import (
     DEGRADATIONS,
-    INCEPTION_FILE,
-    INCEPTION_URL,
     NET_RECORD,
     SURFACE_FILE,
     SURFACE_NET_DIR,
     SURFACE_SIZE,
     FeatureCache,
-    FeatureWeightsError,
-    InceptionPool3,
     MetricsError,
-    SurfaceNetRecipe,
     degrade,
     featurize,
     fid_bootstrap_std,
@@ -36,11 +32,11 @@ from stablesdg.metrics import (
     load_surface_net,
     nearest_distances,
     novelty,
-    pretrain_surface_net,
-    save_surface_net,
     surface_extractor,
     to_input,
 )
+from stablesdg.pretraining.corpus import FolderCorpus
+from stablesdg.pretraining.feature_net import SurfaceNetRecipe, pretrain_surface_net, save_surface_net
 from stablesdg.stages.features import features_command
 from stablesdg.utils import read_json
 
@@ -260,7 +256,7 @@ def test_surface_fid_on_real_neu_is_small_for_real_vs_real_and_rises_with_noise_
 
 
 def test_detail_ratio_tells_blurred_and_noisy_sets_from_real_ones(tmp_path):
-    from stablesdg.evaluation import detail_ratio
+    from stablesdg.metrics import detail_ratio
 
     real = demo_set(0, 2, size=128)
     assert detail_ratio(real, real) == pytest.approx(1.0)

@@ -12,17 +12,11 @@ import yaml
 from click.testing import CliRunner
 from conftest import make_processed
 
-from stablesdg.classifier import (
-    BackbonePretrainConfig,
-    PretrainedWeightsError,
-    build_backbone,
-    head_prefix,
-    pretrain_backbone,
-    save_body_weights,
-)
-from stablesdg.corpus import FolderCorpus
+from stablesdg.classifier import PretrainedWeightsError, build_backbone, head_prefix
+from stablesdg.commands.recognition import ARMS, recognition_command
 from stablesdg.demo import demo_image, write_demo_dataset
-from stablesdg.recognition import ARMS, recognition_command
+from stablesdg.pretraining.backbone import BackbonePretrainConfig, pretrain_backbone, save_body_weights
+from stablesdg.pretraining.corpus import FolderCorpus
 
 CLASSES = ["crazing", "patches", "scratches"]
 
@@ -67,7 +61,8 @@ def test_classifier_starts_from_the_pretrained_body_with_a_fresh_head(pretrained
 
 
 def test_equal_steps_arm_repeats_the_real_images_to_the_synthetic_arm_size():
-    from stablesdg.classifier import ImageSet, repeated
+    from stablesdg.classifier import ImageSet
+    from stablesdg.comparison import repeated
 
     real = ImageSet(torch.arange(3.0).view(3, 1, 1, 1), torch.tensor([0, 1, 2]), [Path(f"{i}.png") for i in range(3)])
     rep = repeated(real, 8)

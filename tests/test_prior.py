@@ -10,17 +10,16 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from stablesdg.corpus import CorpusError, FolderCorpus
+from stablesdg.commands.prior import prior_group
 from stablesdg.demo import demo_image
-from stablesdg.prior import (
-    EMBEDDED_PRIOR,
+from stablesdg.diffusion import EMBEDDED_PRIOR
+from stablesdg.metrics import psnr, ssim
+from stablesdg.pretraining.corpus import CorpusError, FolderCorpus
+from stablesdg.pretraining.prior import (
     PACKING_FILE,
     PriorRecipe,
     StepPlan,
     pretrain,
-    prior_group,
-    psnr,
-    ssim,
     ssim_torch,
     verify_prior,
     view_batches,
@@ -134,7 +133,7 @@ def test_step_plan_warms_up_and_decays_to_zero():
 
 def test_time_budget_fixes_the_step_count_after_the_probe(monkeypatch):
     now = [0.0]  # a fake clock: every step takes 0.5 s
-    monkeypatch.setattr("stablesdg.prior.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("stablesdg.pretraining.prior.time.perf_counter", lambda: now[0])
     plan = StepPlan(steps=10**9, seconds=1000)
     step = 0
     while plan.after(step):

@@ -17,16 +17,8 @@ import torch
 from conftest import REPO_ROOT, make_processed, run_cli
 from PIL import Image
 
-from stablesdg.classifier import (
-    TrainResult,
-    VariantResult,
-    build_backbone,
-    evaluate,
-    load_splits,
-    predict_logits,
-    scorer_on_test_set,
-    train_classifier,
-)
+from stablesdg.classifier import TrainResult, build_backbone, evaluate, predict_logits, train_classifier
+from stablesdg.comparison import VariantResult, load_splits, scorer_on_test_set
 from stablesdg.config import parse_params
 from stablesdg.errors import RegistryError
 from stablesdg.registry import (

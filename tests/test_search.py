@@ -14,9 +14,9 @@ from conftest import make_processed, tiny_run_params
 
 from stablesdg.adaptation import adapt_class
 from stablesdg.commands.ablation import VARIANTS, ablation_command
-from stablesdg.config import SearchConfig, load_params
+from stablesdg.config import ConfigError, SearchConfig, load_params, parse_params
 from stablesdg.generation import generate_class
-from stablesdg.search import Trial, refine_trials
+from stablesdg.search import SearchRun, Trial, grid_trials, refine_trials
 from stablesdg.stages.evaluate import evaluate_command
 from stablesdg.stages.search import search_command
 
@@ -66,8 +66,10 @@ def test_search_writes_every_trial_the_best_and_the_plot(world, mlflow_store, tm
     novel = [t for t in trials if t["novelty"] >= 0.5]
     best = min(novel, key=lambda t: t["fid_surface"]) if novel else max(trials, key=lambda t: t["novelty"])
     assert summary["best"]["strength"] != 0.05, "a copy of the train images must never win"
-    assert summary["best"] == {k: best[k] for k in ("strength", "guidance_scale", "steps", "fid_surface",
-                                                     "fid_surface_std", "kid_surface_mean", "novelty")}
+    assert summary["best"] == {k: best[k] for k in ("strength", "guidance_scale", "steps", "scheduler", "fid_surface",
+                                                     "fid_surface_std", "kid_surface_mean", "novelty",
+                                                     "detail_ratio")}
+    assert all(t["scheduler"] == "ddim" and t["detail_ratio"] > 0 for t in trials)
     assert set(summary["noise"]) == {"median_fid_surface_std", "best_vs_runner_up_sigmas"}
     rows = list(csv.reader((tmp_path / "search" / "crazing_fid_vs_strength.csv").open()))
     assert rows[0] == ["strength", "fid"]
@@ -135,3 +137,49 @@ def test_refinement_halves_the_grid_spacing_and_keeps_guidance_at_least_one():
     assert trials == [Trial(0.4, 3.0, 10), Trial(0.6, 3.0, 10), Trial(0.5, 5.25, 10)]  # 3.0 - 2.25 < 1: dropped
     assert refine_trials(cfg, Trial(0.7, 7.5, 10), set(), 2) == [
         Trial(0.65, 7.5, 10), Trial(0.75, 7.5, 10), Trial(0.7, 6.375, 10), Trial(0.7, 8.625, 10)]
+
+
+def test_the_sampler_is_a_search_axis_and_refinement_keeps_it():
+    cfg = SearchConfig(strength=[0.3, 0.7], guidance_scale=[3.0], steps=[10, 25], scheduler=["ddim", "ddpm"])
+    grid = grid_trials(cfg)
+    assert len(grid) == 8 and {t.scheduler for t in grid} == {"ddim", "ddpm"}
+    assert {t.scheduler for t in refine_trials(cfg, Trial(0.7, 3.0, 25, "ddpm"), set(grid), 1)} == {"ddpm"}
+    with pytest.raises(ConfigError, match=r"search.scheduler.*'heun'.*allowed values"):
+        parse_params({"search": {"scheduler": ["ddim", "heun"]}})
+
+
+def test_a_blurred_trial_cannot_win(world):
+    import dataclasses
+
+    from stablesdg.metrics import load_scorer
+
+    params = world["params"]
+    strict = dataclasses.replace(params, search=dataclasses.replace(params.search, min_detail_ratio=0.8))
+    run = SearchRun(strict, "crazing", None, [], [], load_scorer(params.metrics, params.seed))
+    sharp = {"strength": 0.7, "fid_surface": 9.0, "novelty": 0.9, "detail_ratio": 0.85}
+    blurred = {"strength": 0.5, "fid_surface": 5.0, "novelty": 0.9, "detail_ratio": 0.4}
+    copy = {"strength": 0.1, "fid_surface": 1.0, "novelty": 0.1, "detail_ratio": 1.0}
+    assert run.best([blurred, sharp, copy]) is sharp
+    # nothing eligible: the most detailed novel trial, never the copy
+    assert run.best([blurred, copy, {**sharp, "detail_ratio": 0.6}])["strength"] == 0.7
+    off = SearchRun(params, "crazing", None, [], [], run.scorer)
+    assert off.best([blurred, sharp, copy]) is blurred, "min_detail_ratio 0 leaves the FID choice"
+
+
+def test_search_over_samplers_on_the_tiny_model(world):
+    import dataclasses
+
+    from stablesdg.data import heldout_paths, split_paths
+    from stablesdg.generation import load_adapted_pipeline
+    from stablesdg.metrics import load_scorer
+
+    params, processed = world["params"], world["processed"]
+    params = dataclasses.replace(params, search=dataclasses.replace(
+        params.search, strength=[0.8], scheduler=["ddim", "euler_ancestral"], refine=False))
+    pipe = load_adapted_pipeline(params.model, "crazing", world["root"] / "adapters" / "crazing")
+    run = SearchRun(params, "crazing", pipe, split_paths(processed, "crazing", "train"),
+                    heldout_paths(processed, "crazing"), load_scorer(params.metrics, params.seed))
+    trials = run.run()
+    assert [t["scheduler"] for t in trials] == ["ddim", "euler_ancestral"]
+    assert trials[0]["fid_surface"] != trials[1]["fid_surface"], "the sampler changes the images"
+    assert all(t["detail_ratio"] > 0 for t in trials)

@@ -181,3 +181,47 @@ def drop_file_permission_override() -> None:
     for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
         if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+# --------------------------------------------------------------------- issue 24: cost before the budget
+def png_with_text(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A small valid PNG carrying the given (chunk type, data) text chunks before its image data."""
+    png = _encode(Image.new("RGB", (8, 8), (200, 10, 10)), "PNG")
+    ihdr_end = 8 + 25
+    return png[:ihdr_end] + b"".join(_png_chunk(kind, data) for kind, data in chunks) + png[ihdr_end:]
+
+
+def tiff_with_strips(strips: int) -> bytes:
+    """A 1-pixel-wide TIFF with one strip per row: the offsets and counts arrays alone are 8 bytes a strip."""
+    data_at = 8
+    offsets_at = data_at + strips
+    counts_at = offsets_at + 4 * strips
+    ifd_at = counts_at + 4 * strips
+    entries = [(256, 4, 1, 1), (257, 4, 1, strips), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, strips, offsets_at), (277, 3, 1, 1), (278, 4, 1, 1), (279, 4, strips, counts_at)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + b"\0" * 4
+    offsets = struct.pack(f"<{strips}I", *range(data_at, data_at + strips))
+    return (b"II*\x00" + struct.pack("<I", ifd_at) + b"\x80" * strips + offsets
+            + struct.pack(f"<{strips}I", *([1] * strips)) + ifd)
+
+
+def jpeg_with_scans(repeats: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated: every copy is decoded again (minutes for thousands)."""
+    jpg = _encode(noisy(64), "JPEG", progressive=True, quality=90)
+    last_sos = jpg.rindex(b"\xff\xda")
+    return jpg[:last_sos] + jpg[last_sos:-2] * repeats + b"\xff\xd9"
+
+
+def hostile_bytes() -> dict[str, tuple[bytes, str]]:
+    """name -> (content, reason word): files whose header parsing alone costs seconds or a GB (issue 24.1)."""
+    inflating = zlib.compress(b"A" * (8 * 2**20), 9)  # 8 KB on the wire, 8 MB once inflated
+    many_text = [(b"tEXt", b"k%d\x00" % i + b"v" * 200_000) for i in range(8)]
+    return {
+        "ztxt_inflates.png": (png_with_text([(b"zTXt", b"Comment\x00\x00" + inflating)]), "metadata"),
+        "itxt_inflates.png": (png_with_text([(b"iTXt", b"Comment\x00\x01\x00\x00\x00" + inflating)]),
+                              "metadata"),
+        "text_chunks_total.png": (png_with_text(many_text), "metadata"),
+        "huge_text_chunk.png": (png_with_text([(b"tEXt", b"k\x00" + b"v" * (2 * 2**20))]), "metadata"),
+        "strips_100k.tif": (tiff_with_strips(100_000), "strips"),
+        "scans_500.jpg": (jpeg_with_scans(500), "scans"),
+    }

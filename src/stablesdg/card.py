@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from .utils import read_json
 
 if TYPE_CHECKING:
-    from .classifier import VariantResult
+    from .comparison import VariantResult
     from .registry import Registration
 
 CARD_FILE = "model_card.html"

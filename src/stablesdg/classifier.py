@@ -1,8 +1,8 @@
 """Defect classifier: a torchvision backbone trained on real (+ synthetic) images, real-only as the baseline.
 
-The library side of the `train` stage (`stages/train.py` logs the runs and registers): backbones, the
-surface-corpus pretraining of a backbone, data, augmentation, metrics, training with early stopping, the
-repeated-seed gain. Evaluation inputs go through `preprocess.preprocess_image`, byte-for-byte what the ONNX
+The model, the data and the train and evaluate code (`stages/train.py` logs the runs and registers): backbones,
+image sets, augmentation, metrics, training with early stopping, the saved weights. The real-vs-synthetic
+design lives in `comparison.py`; the backbone's corpus pretraining in `pretraining/backbone.py`. Evaluation inputs go through `preprocess.preprocess_image`, byte-for-byte what the ONNX
 line runtime does.
 """
 
@@ -25,15 +25,14 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 from tqdm import tqdm
 
-from .config import BACKBONES, ClassifierConfig, Params
-from .data import DataError, class_names_in, split_paths, synthetic_paths
+from .config import BACKBONES, ClassifierConfig
+from .data import split_paths, synthetic_paths
 from .errors import StableSDGError
+from .imagenet import LITE_WEIGHTS, build_lite
 from .preprocess import PreprocessSpec, preprocess_image
 from .utils import canonical_safetensors_header, derive_seed, pick_device, seed_everything, sha256_file
 from .viz import image_grid
 
-VARIANTS = ("real_only", "real_plus_synthetic")
-GAIN_METRICS = ("accuracy", "macro_f1")
 BRIGHTNESS_JITTER = 0.08  # additive, in [0, 1] pixel units: lighting drift on the line
 CONTRAST_JITTER = 0.1  # multiplicative around the image mean
 
@@ -75,11 +74,15 @@ def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
 
 
 def build_backbone(
-    backbone: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None
+    backbone: str, num_classes: int, pretrained: bool | str = False, weights_path: str | None = None
 ) -> nn.Module:
     """A torchvision classifier with a `num_classes` head; ImageNet weights from the local cache if asked."""
     if backbone not in BACKBONES:
         raise ValueError(f"classifier.backbone: {backbone!r} is not supported; use one of {', '.join(BACKBONES)}")
+    if backbone in LITE_WEIGHTS:
+        surface_file = bool(pretrained) and weights_path is not None and Path(weights_path).suffix == ".safetensors"
+        model = _replace_head(build_lite(backbone, bool(pretrained) and not surface_file, weights_path), num_classes)
+        return load_body_weights(model, Path(weights_path)) if surface_file and weights_path else model
     if not pretrained:
         return get_model(backbone, weights=None, num_classes=num_classes)
     if weights_path and Path(weights_path).suffix == ".safetensors":
@@ -111,81 +114,6 @@ def load_body_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
-# --------------------------------------------------------------------------------------- corpus pretraining
-@dataclass
-class BackbonePretrainConfig:
-    backbone: str = "resnet18"
-    input_size: int = 128
-    epochs: int = 5
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    holdout: float = 0.1
-    seed: int = 0
-
-
-def pretrain_backbone(corpus, cfg: BackbonePretrainConfig, device: str = "cpu",
-                      log: Callable[[str, int, float], None] | None = None) -> tuple[nn.Module, dict]:
-    """Supervised pretraining on the corpus (which source a view comes from), the ImageNet stand-in.
-
-    Views are random regions at the classifier's input size and texture scale, grey replicated to 3 planes,
-    normalised as `PreprocessSpec` does: the same input contract as the defect classifier it initialises.
-    """
-    log = log or (lambda *_: None)
-    spec = PreprocessSpec(class_names=list(corpus.sources), input_size=(cfg.input_size, cfg.input_size))
-    mean = torch.tensor(spec.mean)[None, :, None, None]
-    std = torch.tensor(spec.std)[None, :, None, None]
-
-    def batch(rng: np.random.Generator, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        grey, _ = corpus.views(rng, len(idx), cfg.input_size, indices=idx)
-        x = torch.from_numpy(grey.astype(np.float32) / 255.0)[:, None].expand(-1, 3, -1, -1)
-        return (x - mean) / std, torch.tensor([corpus.labels[int(i)] for i in idx])
-
-    seed_everything(cfg.seed)
-    train_idx, held_idx = corpus.holdout(cfg.holdout, cfg.seed)
-    model = get_model(cfg.backbone, weights=None, num_classes=len(corpus.sources)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.learning_rate, total_steps=steps, pct_start=0.1)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    rng, gen = np.random.default_rng(derive_seed("backbone-views", cfg.seed)), torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
-        for start in tqdm(range(0, len(order), cfg.batch_size), desc=f"backbone epoch {epoch + 1}/{cfg.epochs}"):
-            x, y = batch(rng, order[start:start + cfg.batch_size])
-            x = augment_batch(x, spec, gen)
-            loss = loss_fn(model(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            log("backbone_loss", step, loss.item())
-            step += 1
-    model.eval()
-    eval_rng = np.random.default_rng(derive_seed("backbone-heldout", cfg.seed))
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(held_idx), 128):
-            x, y = batch(eval_rng, held_idx[start:start + 128])
-            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-    return model.cpu(), {"heldout_accuracy": correct / max(1, len(held_idx)), "heldout_images": len(held_idx),
-                         "train_images": len(train_idx), "sources": list(corpus.sources), "steps": step}
-
-
-def save_body_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> Path:
-    """Every weight but the head, as fp16 safetensors (half the size; the loader casts back to float32)."""
-    head = head_prefix(model)
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous()
-             for k, v in model.state_dict().items() if not k.startswith(head)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=metadata)
-    canonical_safetensors_header(path)
-    return path
-
-
 def make_spec(class_names: Sequence[str], cfg: ClassifierConfig) -> PreprocessSpec:
     # Grey steel images are replicated to 3 planes so ImageNet backbones (and their weights) apply unchanged.
     return PreprocessSpec(class_names=list(class_names), input_size=(cfg.input_size, cfg.input_size))
@@ -199,6 +127,12 @@ class ImageSet:
     x: torch.Tensor  # [N, C, H, W] float32, normalised
     y: torch.Tensor  # [N] int64
     paths: list[Path]
+    # (epoch, generator) -> the images that epoch trains on, for sets drawn afresh each epoch (replace,
+    # two_stage); None: these images every epoch
+    draw: Callable[[int, torch.Generator], ImageSet] | None = None
+
+    def for_epoch(self, epoch: int, gen: torch.Generator) -> ImageSet:
+        return self.draw(epoch, gen) if self.draw else self
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -240,7 +174,7 @@ def sample_synthetic(
     paths, labels = [], []
     for label, (cls, n_real) in enumerate(zip(class_names, real_counts, strict=True)):
         pool = synthetic_paths(synthetic_dir, cls)
-        wanted = min(len(pool), round(ratio * n_real))
+        wanted = len(pool) if math.isinf(ratio) else min(len(pool), round(ratio * n_real))
         rng = np.random.default_rng(derive_seed(seed, "synthetic", cls))
         chosen = sorted(rng.choice(len(pool), size=wanted, replace=False)) if wanted else []
         paths += [pool[i] for i in chosen]
@@ -290,6 +224,7 @@ class Evaluation:
     recall: list[float]
     confusion: np.ndarray  # [true, predicted]
     predictions: np.ndarray
+    f1: list[float] = field(default_factory=list)  # per class (macro_f1 is their mean over present classes)
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
@@ -323,6 +258,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
         recall=recall.tolist(),
         confusion=confusion,
         predictions=np.asarray(y_pred),
+        f1=f1.tolist(),
     )
 
 
@@ -443,10 +379,11 @@ def train_classifier(
     scheduler = _scheduler(opt, cfg)
     result, best_state, waited = TrainResult(model), copy.deepcopy(model.state_dict()), 0
     for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch"):
-        loss = _train_epoch(model, opt, train, cfg, spec, gen, device)
+        images = train.for_epoch(epoch, gen)
+        loss = _train_epoch(model, opt, images, cfg, spec, gen, device)
         if scheduler is not None:
             scheduler.step()
-        recalibrate_batchnorm(model, train.x, cfg.batch_size, device)
+        recalibrate_batchnorm(model, images.x, cfg.batch_size, device)
         scores = evaluate(model, val, num_classes)
         record = EpochRecord(epoch, loss, scores.accuracy, scores.macro_f1)
         result.history.append(record)
@@ -464,76 +401,7 @@ def train_classifier(
     return result
 
 
-# --------------------------------------------------------------------------------------- the stage
-@dataclass
-class Splits:
-    """The real splits both variants share, plus the synthetic selection for the augmented one."""
-
-    root: Path  # data/processed: test-set hashes are over paths relative to it
-    spec: PreprocessSpec
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet
-    test_hash: str
-    synthetic: ImageSet | None
-    skip_reason: str | None = None
-
-
-def load_splits(processed_dir: Path, synthetic_dir: Path, params: Params) -> Splits:
-    cfg = params.classifier
-    class_names = class_names_in(processed_dir)
-    if len(class_names) < 2:
-        raise DataError(f"{processed_dir}: fewer than two classes; run `stablesdg data ingest` first")
-    spec = make_spec(class_names, cfg)
-    parts = {s: real_split(processed_dir, class_names, s) for s in ("train", "val", "test")}
-    if not parts["test"][0] or not parts["val"][0]:
-        raise DataError(f"{processed_dir}: the val and test splits must not be empty")
-    sets = {s: load_images(p, y, spec, desc=s) for s, (p, y) in parts.items()}
-    real_counts = [parts["train"][1].count(i) for i in range(len(class_names))]
-    synthetic, reason = None, None
-    if cfg.synthetic_ratio <= 0:
-        reason = "classifier.synthetic_ratio is 0"
-    else:
-        paths, labels = sample_synthetic(synthetic_dir, class_names, real_counts, cfg.synthetic_ratio, params.seed)
-        if paths:
-            synthetic = load_images(paths, labels, spec, desc="synthetic")
-        else:
-            reason = f"no synthetic images in {synthetic_dir}/<class>/ (run the generate stage first)"
-    test_hash = split_hash(parts["test"][0], processed_dir)
-    return Splits(processed_dir, spec, sets["train"], sets["val"], sets["test"], test_hash, synthetic, reason)
-
-
-def combine(a: ImageSet, b: ImageSet | None) -> ImageSet:
-    if b is None:
-        return a
-    return ImageSet(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), [*a.paths, *b.paths])
-
-
-@dataclass
-class VariantResult:
-    variant: str
-    evaluation: Evaluation
-    result: TrainResult
-    run_id: str
-    model_uri: str
-    test_hash: str
-    n_train_real: int
-    n_train_synthetic: int
-    epoch_size: int  # images an epoch goes through: real (repeated for an equal-steps baseline) + synthetic
-
-    def summary(self, class_names: Sequence[str]) -> dict:
-        return {
-            **self.evaluation.to_dict(class_names),
-            "best_epoch": self.result.best_epoch,
-            "epochs_run": len(self.result.history),
-            "n_train_real": self.n_train_real,
-            "n_train_synthetic": self.n_train_synthetic,
-            "epoch_size": self.epoch_size,
-            "run_id": self.run_id,
-            "test_set_sha256": self.test_hash,
-        }
-
-
+# --------------------------------------------------------------------------------------- outputs
 def misclassified_grid(test: ImageSet, predictions: np.ndarray, class_names: Sequence[str],
                        per_row: int = 8) -> Image.Image:
     """Misclassified test images, one row per (true -> predicted) pair."""
@@ -568,59 +436,3 @@ def load_weights(path: Path) -> tuple[nn.Module, PreprocessSpec]:
     return model.eval(), spec
 
 
-def scorer_on_test_set(splits: Splits) -> Callable[[nn.Module, PreprocessSpec, str], float]:
-    """(model, the model's spec, metric) -> the metric on `splits`' test set, preprocessed as the model's spec says
-    (what the registry re-evaluates a champion with)."""
-
-    def score(model: nn.Module, spec: PreprocessSpec, metric: str) -> float:
-        test = splits.test if spec == splits.spec else load_images(splits.test.paths, splits.test.y.tolist(), spec)
-        return evaluate(model, test, len(spec.class_names)).metric(metric)
-
-    return score
-
-
-def variant_synthetic(splits: Splits, variant: str) -> ImageSet | None:
-    """The synthetic images a variant trains on (none for the real-only baseline)."""
-    return splits.synthetic if variant == "real_plus_synthetic" else None
-
-
-def repeated(images: ImageSet, size: int) -> ImageSet:
-    """`images` repeated in order up to `size` (each copy is augmented afresh in training)."""
-    idx = torch.arange(size) % len(images)
-    return ImageSet(images.x[idx], images.y[idx], [images.paths[i] for i in idx.tolist()])
-
-
-def variant_train_set(splits: Splits, variant: str, cfg: ClassifierConfig) -> ImageSet:
-    """What a variant trains on: real + synthetic, or the real images (repeated to as many optimizer steps as
-    real + synthetic when `classifier.baseline_steps` is "equal")."""
-    synthetic = variant_synthetic(splits, variant)
-    if synthetic is not None:
-        return combine(splits.train, synthetic)
-    if cfg.baseline_steps == "equal" and splits.synthetic is not None:
-        return repeated(splits.train, len(splits.train) + len(splits.synthetic))
-    return splits.train
-
-
-def repeated_gain(splits: Splits, cfg: ClassifierConfig, seed: int, first: dict[str, Evaluation]) -> dict:
-    """Both variants retrained with `classifier.repeats - 1` more seeds (after `seed`): per-seed test metrics, and
-    the gain's mean and sample standard deviation, so a reviewer sees whether the gain is larger than seed noise."""
-    seeds = [seed + r for r in range(cfg.repeats)]
-    per_seed = {variant: [first[variant]] for variant in VARIANTS}
-    for extra in seeds[1:]:
-        for variant in VARIANTS:
-            result = train_classifier(variant_train_set(splits, variant, cfg), splits.val, splits.spec, cfg, extra,
-                                      desc=f"{variant} seed {extra}")
-            per_seed[variant].append(evaluate(result.model, splits.test, len(splits.spec.class_names)))
-    out: dict = {"seeds": seeds}
-    for variant in VARIANTS:
-        out[variant] = {m: [e.metric(m) for e in per_seed[variant]] for m in GAIN_METRICS}
-    for m in GAIN_METRICS:
-        gains = np.subtract(out["real_plus_synthetic"][m], out["real_only"][m])
-        out[f"gain_{m}"] = gains.tolist()
-        out[f"gain_{m}_mean"] = float(gains.mean())
-        out[f"gain_{m}_std"] = float(gains.std(ddof=1))
-    return out
-
-
-def gain(augmented: VariantResult, baseline: VariantResult) -> dict[str, float]:
-    return {m: augmented.evaluation.metric(m) - baseline.evaluation.metric(m) for m in GAIN_METRICS}

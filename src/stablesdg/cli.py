@@ -1,5 +1,5 @@
 """`stablesdg` command line: assembles the stage commands (one module per dvc.yaml stage in `stages/`) and the
-other commands (`commands/`, `prior`, `recognition`) into one group. Nothing else happens here."""
+other commands (`commands/`) into one group. Nothing else happens here."""
 
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ LAZY_COMMANDS = {
     "ablation": "stablesdg.commands.ablation:ablation_command",
     "pretrain": "stablesdg.commands.pretrain:pretrain_group",
     "provenance": "stablesdg.commands.provenance:provenance_command",
-    "prior": "stablesdg.prior:prior_group",
-    "recognition": "stablesdg.recognition:recognition_command",
+    "prior": "stablesdg.commands.prior:prior_group",
+    "recognition": "stablesdg.commands.recognition:recognition_command",
 }
 
 

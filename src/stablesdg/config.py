@@ -19,13 +19,15 @@ from typing import Any
 import yaml
 
 from .errors import StableSDGError
+from .schedulers import SCHEDULERS
 
 NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 # Class names become folder and file names (images/<class>/, models/adapters/<class>/, DVC foreach keys):
 # one safe pattern, so `..`, `-x`, `a:b`, tabs and newlines cannot get near a path.
 CLASS_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
+# torchvision's, and timm's EfficientNet-Lite0 with the ImageNet weights a registry package ships (imagenet.py)
 BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-             "regnet_x_400mf", "shufflenet_v2_x1_0")
+             "regnet_x_400mf", "shufflenet_v2_x1_0", "efficientnet_lite0")
 
 
 class ConfigError(StableSDGError, ValueError):
@@ -130,9 +132,13 @@ class GenerateConfig:
     mode: str = choice("img2img", "txt2img", default="img2img")
     per_class: int = bounded(40, 0, 1_000_000)
     strength: float = bounded(0.5, 0.0, 1.0)
+    # DA-Fusion's variants (Trabucco et al. 2024): when set, image i of a class is made at strengths[j], j the
+    # round over the train images that i falls in, so every real image gets variants at every strength (1.0 =
+    # from pure noise). Empty: every image at the searched (or `strength`) value.
+    strengths: list[float] = _list([], 0.0, 1.0)
     guidance_scale: float = bounded(5.0, 0.0, 50.0)
     steps: int = bounded(20, 1, 1000)
-    scheduler: str = choice("ddim", "pndm", "euler", "dpm", default="ddim")
+    scheduler: str = choice(*SCHEDULERS, default="ddim")
     use_search: bool = True
     batch_size: int = bounded(8, 1, 1024)
     device: str = "auto"
@@ -146,12 +152,17 @@ class SearchConfig:
     strength: list[float] = _list([0.3, 0.5, 0.7], 0.0, 1.0)
     guidance_scale: list[float] = _list([3.0, 7.5], 0.0, 50.0)
     steps: list[int] = _list([10], 1, 1000)
+    scheduler: list[str] = field(default_factory=lambda: ["ddim"], metadata={"choices": tuple(SCHEDULERS)})
     images_per_trial: int = bounded(8, 2, 10_000)
     refine: bool = True
     refine_rounds: int = bounded(1, 0, 10)
     # A trial whose images sit closer to their nearest train image than this fraction of the held-out real
     # images' distance is a near-copy of the k train images and cannot win (1.0 = as novel as a new real image).
     min_novelty: float = bounded(0.5, 0.0, 10.0)
+    # A trial whose images keep less fine detail than this fraction of the held-out real images' (detail_ratio:
+    # 1 = as much, < 1 = blurrier) cannot win either: a blurred copy scores a good FID and loses the thin cracks
+    # and small pits that tell the classes apart. 0 switches the rule off.
+    min_detail_ratio: float = bounded(0.0, 0.0, 10.0)
     bootstrap: int = bounded(20, 0, 10_000)  # resamples for each trial's FID noise (0: not measured)
 
 
@@ -168,7 +179,10 @@ class MetricsConfig:
 @dataclass
 class ClassifierConfig:
     backbone: str = choice(*BACKBONES, default="resnet18")
-    pretrained: bool = False
+    # false: from scratch; imagenet (or true): ImageNet weights (torchvision's file in the hub cache, or the
+    # registry package's for efficientnet_lite0); with weights_path *.safetensors: a `stablesdg pretrain
+    # backbone` file (the surface-pretrained body)
+    pretrained: bool | str = choice(False, True, "imagenet", default=False)
     weights_path: str | None = None
     input_size: int = bounded(128, 32, 1024)
     epochs: int = bounded(12, 1, 10_000)
@@ -179,6 +193,14 @@ class ClassifierConfig:
     schedule: str = choice("cosine", "step", "none", default="cosine")
     patience: int = bounded(8, 1, 10_000)
     synthetic_ratio: float = bounded(1.0, 0.0, 100.0)
+    # How the synthetic images enter training. append: real + synthetic_ratio x real synthetic images an epoch.
+    # replace (DA-Fusion, Trabucco et al. 2024): an epoch of (1 + synthetic_ratio) x real images in which each
+    # real image is swapped, with probability replace_probability, for one of the synthetic variants made from
+    # it; equal steps by construction. two_stage: append for the first epochs, then real only (repeated to the
+    # same epoch size) for the last finetune_fraction of the epochs.
+    synthetic_use: str = choice("append", "replace", "two_stage", default="append")
+    replace_probability: float = bounded(0.5, 0.0, 1.0)
+    finetune_fraction: float = bounded(0.25, 0.0, 1.0)
     # How long the real-only baseline trains. "equal": its real images repeated to the size of real + synthetic,
     # so both variants take the same optimizer steps (60 real images are 2 steps an epoch, + 300 synthetic 12:
     # without it part of the "gain" is extra training). "epochs": the same epochs, fewer steps (the old baseline).
@@ -292,9 +314,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def _check_bounds(value: Any, meta: typing.Mapping, key: str) -> None:
     if value is None:
         return
-    if "choices" in meta and value not in meta["choices"]:
-        allowed = ", ".join(map(str, meta["choices"]))
-        raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {allowed}")
+    for v in value if isinstance(value, list) and "choices" in meta else [value]:
+        if "choices" in meta and v not in meta["choices"]:
+            allowed = ", ".join(map(str, meta["choices"]))
+            raise ConfigError(f"{key}: {v!r} is not allowed; allowed values: {allowed}")
     if "range" in meta:
         lo, hi = meta["range"]
         for v in value if isinstance(value, list) else [value]:

@@ -8,6 +8,7 @@ quarantine report with its reason; the rest of the batch goes on. The source fol
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import os
@@ -247,6 +248,11 @@ def ingest(source: Path, out_dir: Path, cfg: DataConfig, classes: list[str], see
             )
         assign_splits(records, cfg, seed)
         _write_outputs(staging, records, classes)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if err.errno in DISK_FULL_ERRNOS:
+            raise _disk_full(out_dir, source) from err
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -259,6 +265,18 @@ def ingest(source: Path, out_dir: Path, cfg: DataConfig, classes: list[str], see
         "per_class": {c: _split_counts([r for r in records if r.cls == c]) for c in classes},
         "rejected": [asdict(r) for r in rejected],
     }
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(out_dir: Path, source: Path) -> DataError:
+    """The output's fault, named with the space it would need (about the source's size) and what is free."""
+    needed = sum(p.stat().st_size for p in source.rglob("*") if p.is_file() and not p.is_symlink())
+    free = shutil.disk_usage(out_dir.parent if out_dir.parent.exists() else ".").free
+    return DataError(f"no space left on the device of {out_dir.parent}: ingest needs about {needed / 2**20:.1f} "
+                     f"MB free there (the source's size), {free / 2**20:.1f} MB are free. The previous "
+                     f"{out_dir} is kept; free space and run again")
 
 
 def _swap_in(staging: Path, out_dir: Path) -> None:
@@ -282,8 +300,13 @@ def _normalise_all(
         rel = cand.source.relative_to(source).as_posix()
         try:
             record = _normalise_one(cand, rel, out_dir, cfg, classes, seen)
-        except (ValueError, OSError) as err:  # per-file problems are quarantined, never fatal
-            rejected.append(Rejection(rel, str(err) if isinstance(err, ValueError) else f"cannot read file: {err}"))
+        except OSError as err:
+            if err.errno in DISK_FULL_ERRNOS:  # the output is full: no image is to blame
+                raise
+            rejected.append(Rejection(rel, f"cannot read file: {err}"))
+            continue
+        except ValueError as err:  # per-file problems are quarantined, never fatal
+            rejected.append(Rejection(rel, str(err)))
             continue
         seen[record.sha256] = record
         records.append(record)
@@ -308,10 +331,17 @@ def _normalise_one(
             raise ValueError(f"same bytes as {first.source_file} labelled {first.cls}: conflicting labels")
         raise ValueError(f"duplicate of {first.source_file}")
     image, (width, height) = decode_image_bytes(raw, cand.source.suffix, cfg)
-    name = f"images/{cand.label}/{cand.source.stem}_{digest[:8]}.png"
+    name = f"images/{cand.label}/{_portable_stem(cand.source.stem)}_{digest[:8]}.png"
     (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
     image.save(out_dir / name)
     return Record(name, cand.label, digest, rel, width, height)
+
+
+def _portable_stem(stem: str) -> str:
+    """The source name for the output file, with bytes that are not UTF-8 (surrogate-escaped by Python) as
+    '_': the manifest and every later stage can then write and read it as text."""
+    raw = stem.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "replace").replace("\ufffd", "_")
 
 
 def _split_counts(records: list[Record]) -> dict[str, int]:
@@ -345,7 +375,8 @@ def assign_splits(records: list[Record], cfg: DataConfig, seed: int) -> None:
 
 def _write_outputs(out_dir: Path, records: list[Record], classes: list[str]) -> None:
     records.sort(key=lambda r: (r.cls, r.path))
-    with open(out_dir / "manifest.csv", "w", newline="") as f:
+    # source_file keeps a non-UTF-8 source name as its backslash escape (readable, and the row is kept)
+    with open(out_dir / "manifest.csv", "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         writer = csv.writer(f)
         writer.writerow(MANIFEST_FIELDS)
         for r in records:

@@ -29,12 +29,6 @@ EMBEDDED_PRIOR = Path(__file__).parent / "assets" / "prior"
 EMBEDS_FILE = "learned_embeds.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-}
 # Words the tiny tokenizer knows as whole tokens: prompt templates, initializer words, steel vocabulary.
 TINY_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "or", "photo", "close-up", "closeup", "grayscale", "greyscale", "picture", "image", "texture", "surface", "steel", "metal", "plate", "strip", "rolled", "hot", "cold", "defect", "defects", "crack", "cracks", "crazing", "spot", "spots", "inclusion", "patch", "patches", "stain", "blotch", "pit", "pits", "pitted", "dots", "dot", "scale", "flake", "flakes", "rolled-in", "scratch", "scratches", "line", "lines", "mark", "stripe", "stripes", "grain", "noise", "rough", "smooth", "dark", "bright", "gray", "grey", "light", "shadow", "fine", "coarse", "small", "large", "long", "thin", "industrial", "microscope", "macro", "view", "top", "detail", "pattern", "network", "cluster", "speck", "specks", "blob", "blobs", "streak", "streaks",
               "ring", "rings", "grid", "shading", "gradient"]
@@ -235,14 +229,6 @@ def load_base_pipeline(model_cfg: ModelConfig, device: str = "cpu", dtype: torch
         raise BaseModelError(_offline_hint(source)) from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def make_scheduler(name: str, config: dict):
-    import diffusers  # lazy: slow to import
-
-    if name not in SCHEDULERS:
-        raise ValueError(f"generate.scheduler: {name!r} is not allowed; allowed values: {', '.join(SCHEDULERS)}")
-    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 
 
 def base_model_record(model_cfg: ModelConfig) -> dict[str, str | None]:

@@ -20,3 +20,7 @@ class AdaptationError(StableSDGError, ValueError):
 
 class RegistryError(StableSDGError, RuntimeError):
     """A registry alias move is not possible (unknown champion, already the champion, refused promotion)."""
+
+
+class FeatureWeightsError(StableSDGError, RuntimeError):
+    """The feature network's weights are missing or do not fit the current data/params."""

@@ -7,12 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from .data import heldout_paths, split_paths
-from .metrics import Scorer, load_image, nearest_distances, novelty
-from .prior import ssim  # prior.py is a command module owned elsewhere for now; ssim belongs in metrics
+from .metrics import Scorer, detail_ratio, load_image, nearest_distances, novelty, ssim
+from .provenance import EVALUATE_MEANS
 
 
 def closeness(scorer: Scorer, processed: Path, cls: str, fake: list[Path]) -> dict[str, float]:
@@ -27,24 +26,6 @@ def closeness(scorer: Scorer, processed: Path, cls: str, fake: list[Path]) -> di
             "nearest_train_ssim": float(np.median(ssims))}
 
 
-DETAIL_SIZE = 128  # real and synthetic files may differ in size: fine detail is compared at one resolution
-
-
-def detail_energy(item) -> float:
-    """Mean squared Laplacian response of the grey image at DETAIL_SIZE px (pixels in [0, 1]): its fine detail."""
-    img = load_image(item).convert("L").resize((DETAIL_SIZE, DETAIL_SIZE), Image.Resampling.BILINEAR)
-    a = np.asarray(img, dtype=np.float32) / 255.0
-    laplacian = 4 * a[1:-1, 1:-1] - a[:-2, 1:-1] - a[2:, 1:-1] - a[1:-1, :-2] - a[1:-1, 2:]
-    return float(np.mean(laplacian**2))
-
-
-def detail_ratio(real: list[Path], fake: list[Path]) -> float:
-    """Fine detail of the synthetic images over that of real ones: 1 = as much, < 1 = blurrier, > 1 = noisier.
-    A blurred copy of a train image can score a good FID and still lose the thin cracks and small pits that
-    tell the defect classes apart."""
-    return float(np.mean([detail_energy(f) for f in fake]) / np.mean([detail_energy(r) for r in real]))
-
-
 def evaluate_sets(processed: Path, synthetic: dict[str, list[Path]], scorer: Scorer) -> dict:
     """The evaluate report: per-class FID/KID of each synthetic set against the class's real TEST images, its
     closeness to the train images, and the means over classes."""
@@ -55,5 +36,5 @@ def evaluate_sets(processed: Path, synthetic: dict[str, list[Path]], scorer: Sco
         per_class[cls] = {**scorer.score(real, fake), **closeness(scorer, processed, cls, fake),
                           "detail_ratio": detail_ratio(real, fake), "n_real": len(real), "n_synthetic": len(fake)}
     mean = {k: sum(v[k] for v in per_class.values()) / len(per_class)
-            for k in (keys["fid"], keys["kid_mean"], "novelty", "nearest_train_ssim", "detail_ratio")}
+            for k in (keys.get(name, name) for name, _ in EVALUATE_MEANS)}
     return {"feature_net": scorer.extractor.name, "per_class": per_class, "mean": mean}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from .config import GenerateConfig, ModelConfig, Params
 from .data import split_paths
-from .diffusion import EMBEDS_FILE, LORA_FILE, base_model_record, load_base_pipeline, make_scheduler
+from .diffusion import EMBEDS_FILE, LORA_FILE, base_model_record, load_base_pipeline
 from .errors import MissingInputError
+from .schedulers import make_scheduler
 from .utils import derive_seed, pick_device, read_json, sha256_file, write_json
 
 PROMPT = "A photo of {}"
@@ -87,9 +88,10 @@ def generate_batch(pipe, prompt: str, sources: list[Path], settings: Settings, s
 
 
 def render(pipe, params: Params, cls: str, sources: list[Path], strength: float, guidance_scale: float,
-           steps: int, seeds: list[int], mode: str | None = None) -> list[Image.Image]:
+           steps: int, seeds: list[int], mode: str | None = None, scheduler: str | None = None) -> list[Image.Image]:
     """Images for `sources` with explicit settings (grids, search trials)."""
-    settings = Settings(strength, guidance_scale, steps, params.generate.scheduler, mode or params.generate.mode)
+    settings = Settings(strength, guidance_scale, steps, scheduler or params.generate.scheduler,
+                        mode or params.generate.mode)
     prompt = PROMPT.format(params.model.placeholder.format(cls=cls))
     out: list[Image.Image] = []
     bs = params.generate.batch_size
@@ -105,16 +107,21 @@ def chosen_settings(g: GenerateConfig, search_file: Path) -> tuple[Settings, str
     """Search result when enabled and present, else params; returns (settings, where they came from)."""
     if g.use_search and search_file.exists():
         best = read_json(search_file)["best"]
-        return Settings(float(best["strength"]), float(best["guidance_scale"]), int(best["steps"]), g.scheduler,
-                        g.mode), str(search_file)
+        return Settings(float(best["strength"]), float(best["guidance_scale"]), int(best["steps"]),
+                        best.get("scheduler", g.scheduler), g.mode), str(search_file)
     return Settings(g.strength, g.guidance_scale, g.steps, g.scheduler, g.mode), "params.yaml"
 
 
-def plan(seed: int, cls: str, sources: list[Path], n: int) -> list[dict]:
-    """Which source and seed each output index uses (round-robin over the real training images)."""
+def plan(seed: int, cls: str, sources: list[Path], n: int, settings: Settings,
+         strengths: list[float] | None = None) -> list[dict]:
+    """Which source, seed and strength each output index uses (round-robin over the real training images; with
+    `strengths`, the r-th round over them uses strengths[r mod len])."""
+    def strength(i: int) -> float:
+        return strengths[(i // len(sources)) % len(strengths)] if strengths else settings.strength
+
     return [
         {"file": f"{cls}_{i:05d}.png", "index": i, "source": sources[i % len(sources)].name,
-         "seed": derive_seed(seed, cls, sources[i % len(sources)].name, i)}
+         "seed": derive_seed(seed, cls, sources[i % len(sources)].name, i), "strength": strength(i)}
         for i in range(n)
     ]
 
@@ -126,6 +133,7 @@ def fingerprint(params: Params, settings: Settings, adapter_hashes: dict, source
         "adapter": adapter_hashes, "sources": [sha256_file(p) for p in sources],
         "resolution": generation_resolution(params.generate, params.model), "size": params.data.image_size, "mode": params.data.color_mode,
         "placeholder": params.model.placeholder, "batch": params.generate.batch_size,
+        **({"strengths": params.generate.strengths} if params.generate.strengths else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -152,7 +160,7 @@ def generate_class(params: Params, cls: str, processed: Path, adapter_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     for stray in (p for p in out_dir.glob("*.png") if p.name not in kept):
         stray.unlink()
-    items = plan(params.seed, cls, sources, params.generate.per_class)
+    items = plan(params.seed, cls, sources, params.generate.per_class, settings, params.generate.strengths)
     header = {"class": cls, "fingerprint": fp, "settings": asdict(settings), "settings_from": origin,
               **base_model_record(params.model), "resolution": generation_resolution(params.generate, params.model),
               "adapter_sha256": adapter["sha256"],
@@ -166,15 +174,29 @@ def generate_class(params: Params, cls: str, processed: Path, adapter_dir: Path,
     for done, batch in enumerate(tqdm(todo, desc=f"generate {cls}", unit="batch")):
         if stop_after_batches is not None and done >= stop_after_batches:
             break
-        images = generate_batch(pipe, header["prompt"], [by_name[it["source"]] for it in batch], settings,
-                                [it["seed"] for it in batch], generation_resolution(params.generate, params.model),
-                                params.data.image_size, params.data.color_mode)
-        for it, img in zip(batch, images, strict=True):
-            img.save(out_dir / it["file"])
-            kept[it["file"]] = {**it, "sha256": sha256_file(out_dir / it["file"]), **asdict(settings)}
+        for group in _same_strength(batch):
+            item_settings = replace(settings, strength=group[0]["strength"])
+            images = generate_batch(pipe, header["prompt"], [by_name[it["source"]] for it in group], item_settings,
+                                    [it["seed"] for it in group],
+                                    generation_resolution(params.generate, params.model),
+                                    params.data.image_size, params.data.color_mode)
+            for it, img in zip(group, images, strict=True):
+                img.save(out_dir / it["file"])
+                kept[it["file"]] = {**it, "sha256": sha256_file(out_dir / it["file"]), **asdict(item_settings)}
         _write_manifest(out_dir, header, kept)
     _write_manifest(out_dir, header, kept)
     return {**header, "images": len(kept)}
+
+
+def _same_strength(batch: list[dict]) -> list[list[dict]]:
+    """A batch split into runs of one strength (one pipeline call denoises from one noise level)."""
+    groups: list[list[dict]] = []
+    for it in batch:
+        if groups and groups[-1][0]["strength"] == it["strength"]:
+            groups[-1].append(it)
+        else:
+            groups.append([it])
+    return groups
 
 
 def _write_manifest(out_dir: Path, header: dict, records: dict[str, dict]) -> None:

@@ -12,11 +12,10 @@ Features are cached per image content and network fingerprint: the search loop f
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
@@ -26,20 +25,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from scipy import linalg
+from safetensors.torch import load_file
+from scipy import linalg, ndimage
 from torch import nn
 from tqdm import tqdm
 
 from .config import MetricsConfig
-from .errors import StableSDGError
-from .utils import canonical_safetensors_header, derive_seed, pick_device, read_json, sha256_file, write_json
+from .errors import FeatureWeightsError, StableSDGError
+from .inception import INCEPTION_SIZE, load_inception
+from .utils import derive_seed, pick_device, read_json, sha256_file
 
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_ALT_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for the same weights
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-PYTORCH_FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
-INCEPTION_SIZE = 299
 SURFACE_SIZE = 128
 SURFACE_NET_DIR = Path(__file__).parent / "assets" / "feature_net"
 SURFACE_FILE, NET_RECORD = "feature_net.safetensors", "feature_net.json"
@@ -50,10 +45,6 @@ ImageLike: TypeAlias = Path | str | Image.Image
 
 class MetricsError(StableSDGError, ValueError):
     """The image sets cannot be scored (too few images, a degenerate covariance)."""
-
-
-class FeatureWeightsError(StableSDGError, RuntimeError):
-    """The feature network's weights are missing or do not fit the current data/params."""
 
 
 def metric_keys(net: str) -> dict[str, str]:
@@ -127,112 +118,6 @@ def kid_from_features(real: np.ndarray, fake: np.ndarray, subset_size: int = 50,
     values = [_mmd2_poly(real[rng.choice(len(real), m, replace=False)], fake[rng.choice(len(fake), m, replace=False)])
               for _ in range(subsets)]
     return float(np.mean(values)), float(np.std(values))
-
-
-# --------------------------------------------------------------------------------------- Inception (FID)
-def _pool_avg(x: torch.Tensor) -> torch.Tensor:
-    # TF's average pool ignores the padding; torchvision's counts it.
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-def _pool_max(x: torch.Tensor) -> torch.Tensor:
-    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
-
-def _fid_blocks():
-    """torchvision's Inception blocks with the pooling of the TF FID graph (as pytorch-fid patches them)."""
-    from torchvision.models.inception import (  # lazy: only Inception needs it
-        InceptionA,
-        InceptionC,
-        InceptionE,
-    )
-
-    class FIDInceptionA(InceptionA):
-        def _forward(self, x):
-            b5 = self.branch5x5_2(self.branch5x5_1(x))
-            b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-            return [self.branch1x1(x), b5, b3, self.branch_pool(_pool_avg(x))]
-
-    class FIDInceptionC(InceptionC):
-        def _forward(self, x):
-            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-            d = x
-            for i in range(1, 6):
-                d = getattr(self, f"branch7x7dbl_{i}")(d)
-            return [self.branch1x1(x), b7, d, self.branch_pool(_pool_avg(x))]
-
-    class FIDInceptionE(InceptionE):
-        def __init__(self, in_channels: int, pool):
-            super().__init__(in_channels)
-            self.pool = pool  # Mixed_7b averages, Mixed_7c max-pools (a quirk of the TF graph)
-
-        def _forward(self, x):
-            b3 = self.branch3x3_1(x)
-            b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-            d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-            d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-            return [self.branch1x1(x), b3, d, self.branch_pool(self.pool(x))]
-
-    return FIDInceptionA, FIDInceptionC, FIDInceptionE
-
-
-class InceptionPool3(nn.Module):
-    """FID Inception-v3 up to pool3: (N, 3, 299, 299) floats in [0, 1] -> (N, 2048)."""
-
-    num_features = 2048
-
-    def __init__(self) -> None:
-        super().__init__()
-        from torchvision.models import Inception3  # lazy: only Inception needs it
-
-        a, c, e = _fid_blocks()
-        net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
-        net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = a(192, 32), a(256, 64), a(288, 64)
-        net.Mixed_6b, net.Mixed_6c = c(768, 128), c(768, 160)
-        net.Mixed_6d, net.Mixed_6e = c(768, 160), c(768, 192)
-        net.Mixed_7b, net.Mixed_7c = e(1280, _pool_avg), e(2048, _pool_max)
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        x = 2 * x - 1  # the network's own input scaling ([-1, 1])
-        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
-                     "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
-                     "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
-            x = getattr(n, name)(x)
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-
-
-def _hub_checkpoints() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def find_inception_weights(configured: str | None) -> Path:
-    """The weights file: `metrics.inception_weights`, else torch hub's checkpoints folder (either name)."""
-    candidates = [Path(configured)] if configured else [_hub_checkpoints() / INCEPTION_FILE,
-                                                        _hub_checkpoints() / INCEPTION_ALT_FILE]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FeatureWeightsError(
-        f"FID Inception weights {INCEPTION_FILE} not found (looked at: {', '.join(map(str, candidates))}). "
-        f"This machine cannot download it: on one with network fetch {INCEPTION_URL} (torch-fidelity's copy, "
-        f"named {INCEPTION_ALT_FILE}) or {PYTORCH_FID_URL}, then put it in {_hub_checkpoints()}/ or set "
-        "`metrics.inception_weights: PATH` in params.yaml. Or set `metrics.feature_net: surface`."
-    )
-
-
-def load_inception(configured: str | None) -> tuple[InceptionPool3, Path]:
-    path = find_inception_weights(configured)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = InceptionPool3()
-    result = model.net.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in result.unexpected_keys if not k.startswith("AuxLogits.")]
-    if missing or unexpected:
-        raise FeatureWeightsError(f"{path}: not the FID Inception weights (missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}); expected {INCEPTION_FILE}")
-    return model.eval().requires_grad_(False), path
 
 
 # --------------------------------------------------------------------------------------- embedding net
@@ -469,98 +354,6 @@ def sanity_curves(scorer: Scorer, real: Sequence[ImageLike], other: Sequence[Ima
 
 
 # --------------------------------------------------------------------------------------- surface net
-@dataclass
-class SurfaceNetRecipe:
-    feature_dim: int = 64
-    epochs: int = 8
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    holdout: float = 0.1
-    seed: int = 0
-    input_size: int = SURFACE_SIZE
-    preprocess: str = PREPROCESS_VERSION
-
-
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Flips and 90° turns: surface textures have no preferred orientation."""
-    out = x.clone()
-    for i in range(len(out)):
-        flips = torch.randint(2, (2,), generator=gen).tolist()
-        turns = int(torch.randint(4, (1,), generator=gen))
-        if flips[0]:
-            out[i] = out[i].flip(-1)
-        if flips[1]:
-            out[i] = out[i].flip(-2)
-        out[i] = torch.rot90(out[i], turns, dims=(-2, -1))
-    return out
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: the same floating-point order on every machine, and no spinning thread pools
-    (a net this small trains faster single-threaded on a busy 2-core CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _corpus_batch(corpus, rng: np.random.Generator, idx: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    grey, _ = corpus.views(rng, len(idx), size, indices=idx)
-    x = torch.from_numpy(grey.astype(np.float32) / 255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
-    return x, torch.tensor([corpus.labels[int(i)] for i in idx])
-
-
-def pretrain_surface_net(corpus, recipe: SurfaceNetRecipe) -> tuple[EmbeddingNet, dict]:
-    """Seeded training to tell the corpus sources apart from random views; its embedding is the FID feature.
-
-    Trained on the surface corpus, never on a project's own images: the features, and so every FID/KID figure,
-    mean the same for every split, class and data set.
-    """
-    with _one_thread():
-        train_idx, held_idx = corpus.holdout(recipe.holdout, recipe.seed)
-        rng = np.random.default_rng(derive_seed("surface-net-views", recipe.seed))
-        gen = torch.Generator().manual_seed(derive_seed("surface-net", recipe.seed))
-        with torch.random.fork_rng(devices=[]):  # the init must not depend on (or disturb) the global RNG
-            torch.manual_seed(derive_seed("surface-net-init", recipe.seed))
-            net = EmbeddingNet(recipe.feature_dim, len(corpus.sources))
-        opt = torch.optim.Adam(net.parameters(), lr=recipe.learning_rate)
-        steps = recipe.epochs * math.ceil(len(train_idx) / recipe.batch_size)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.learning_rate, total_steps=steps, pct_start=0.1)
-        net.train()
-        for epoch in range(recipe.epochs):
-            order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
-            for i in tqdm(range(0, len(order), recipe.batch_size), desc=f"surface net {epoch + 1}/{recipe.epochs}",
-                          leave=False):
-                x, y = _corpus_batch(corpus, rng, order[i:i + recipe.batch_size], recipe.input_size)
-                loss = F.cross_entropy(net.logits(_augment(x, gen)), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        net.eval().requires_grad_(False)
-        eval_rng = np.random.default_rng(derive_seed("surface-net-heldout", recipe.seed))
-        correct = 0
-        with torch.no_grad():
-            for i in range(0, len(held_idx), 256):
-                x, y = _corpus_batch(corpus, eval_rng, held_idx[i:i + 256], recipe.input_size)
-                correct += int((net.logits(x).argmax(1) == y).sum())
-    return net, {"heldout_accuracy": correct / max(1, len(held_idx)), "final_loss": loss.item(),
-                 "sources": list(corpus.sources), "train_images": len(train_idx), "heldout_images": len(held_idx)}
-
-
-def save_surface_net(net: EmbeddingNet, out_dir: Path, record: dict) -> Path:
-    """feature_net.safetensors + feature_net.json (recipe, corpus hash, fingerprint, sha256)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / SURFACE_FILE
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path),
-              metadata={"feature_dim": str(net.num_features), "n_classes": str(net.head[-1].out_features)})
-    canonical_safetensors_header(path)
-    write_json(out_dir / NET_RECORD, {**record, "feature_net": "surface", "sha256": sha256_file(path),
-                                       "fingerprint": state_fingerprint(net, "surface", SURFACE_SIZE)})
-    return path
 
 
 def load_surface_net(folder: Path = SURFACE_NET_DIR) -> EmbeddingNet:
@@ -614,3 +407,44 @@ def feature_net_record(m: MetricsConfig) -> dict:
     model, path = load_inception(m.inception_weights)
     return {"feature_net": "inception", "weights": str(path), "weights_sha256": sha256_file(path),
             "fingerprint": state_fingerprint(model, "inception", INCEPTION_SIZE)}
+
+
+# --------------------------------------------------------------------------------------- fine detail
+DETAIL_SIZE = 128  # real and synthetic files may differ in size: fine detail is compared at one resolution
+
+
+def detail_energy(item) -> float:
+    """Mean squared Laplacian response of the grey image at DETAIL_SIZE px (pixels in [0, 1]): its fine detail."""
+    img = load_image(item).convert("L").resize((DETAIL_SIZE, DETAIL_SIZE), Image.Resampling.BILINEAR)
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    laplacian = 4 * a[1:-1, 1:-1] - a[:-2, 1:-1] - a[2:, 1:-1] - a[1:-1, :-2] - a[1:-1, 2:]
+    return float(np.mean(laplacian**2))
+
+
+def mean_detail_energy(items: Sequence[ImageLike]) -> float:
+    return float(np.mean([detail_energy(item) for item in items]))
+
+
+def detail_ratio(real: Sequence[ImageLike], fake: Sequence[ImageLike], real_energy: float | None = None) -> float:
+    """Fine detail of the synthetic images over that of real ones: 1 = as much, < 1 = blurrier, > 1 = noisier.
+    A blurred copy of a train image can score a good FID and still lose the thin cracks and small pits that
+    tell the defect classes apart. `real_energy`: the real images' `mean_detail_energy`, when already known."""
+    return mean_detail_energy(fake) / (mean_detail_energy(real) if real_energy is None else real_energy)
+
+
+# --------------------------------------------------------------------------------------- image similarity
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM with an 11x11 Gaussian window (sigma 1.5), as in Wang et al. 2004, on 8-bit grey images."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    blur = lambda x: ndimage.gaussian_filter(x, 1.5, truncate=3.5)  # noqa: E731
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    return float(np.mean(num / den))

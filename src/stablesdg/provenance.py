@@ -82,6 +82,26 @@ def prior_recipe_sha256(recipe: Path = PRIOR_RECIPE) -> str:
     return sha256_file(recipe) if recipe.exists() else "none"
 
 
+# The evaluate metrics averaged over classes, in report order: (the per-class key, its short name in
+# metrics/fid.json and in `means_of`; None: in the evaluate report only). "fid" and "kid_mean" stand for the
+# feature net's names (`metrics.metric_keys`: fid_surface, kid_surface_mean). Adding a metric is a row here and
+# its per-class value in `evaluation.evaluate_sets`. The registry tags and the ONNX provenance keep mean FID and
+# KID only: that contract is the line runtime's (deploy/ PROVENANCE_KEYS).
+EVALUATE_MEANS: tuple[tuple[str, str | None], ...] = (
+    ("fid", "fid"), ("kid_mean", "kid"), ("novelty", "novelty"), ("nearest_train_ssim", None), ("detail_ratio", None),
+)
+
+
+def short_name(report_key: str) -> str | None:
+    """A mean's short name: `fid_<net>` -> fid, `kid_<net>_mean` -> kid, a short name itself, else the table's."""
+    if report_key == "fid" or report_key.startswith("fid_"):
+        return "fid"
+    if report_key == "kid" or (report_key.startswith("kid_") and report_key.endswith("_mean")):
+        return "kid"
+    shorts = {short for _, short in EVALUATE_MEANS if short}
+    return report_key if report_key in shorts else dict(EVALUATE_MEANS).get(report_key)
+
+
 def fid_means(fid_file: str | Path | None) -> dict[str, float | str]:
     """Mean FID / KID (and novelty) of the synthetic set from metrics/fid.json, whatever the feature net.
 
@@ -97,14 +117,9 @@ def means_of(data: Mapping) -> dict[str, float | str]:
     mean = data.get("mean", data)
     out: dict[str, float | str] = {}
     for key, value in mean.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        if key == "fid" or key.startswith("fid_"):
-            out.setdefault("fid", float(value))
-        elif key == "kid" or (key.startswith("kid_") and key.endswith("_mean")):
-            out.setdefault("kid", float(value))
-        elif key == "novelty":
-            out["novelty"] = float(value)
+        short = short_name(key)
+        if short and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.setdefault(short, float(value))
     if isinstance(data.get("feature_net"), str):
         out["feature_net"] = data["feature_net"]
     return out

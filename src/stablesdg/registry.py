@@ -35,7 +35,7 @@ from .tracking import tracking_uri, use_store
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
-    from .classifier import VariantResult
+    from .comparison import VariantResult
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 

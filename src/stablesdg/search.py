@@ -10,6 +10,7 @@ until `evaluate` and the classifier.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from .config import Params, SearchConfig
 from .errors import MissingInputError
 from .generation import render
-from .metrics import Scorer, fid_bootstrap_std, novelty
+from .metrics import Scorer, detail_ratio, fid_bootstrap_std, mean_detail_energy, novelty
 from .utils import derive_seed
 
 
@@ -32,11 +33,13 @@ class Trial:
     strength: float
     guidance_scale: float
     steps: int
+    scheduler: str = "ddim"
 
 
 # --------------------------------------------------------------------------------------- trial plan
 def grid_trials(cfg: SearchConfig) -> list[Trial]:
-    return [Trial(float(s), float(g), int(n)) for s in cfg.strength for g in cfg.guidance_scale for n in cfg.steps]
+    return [Trial(float(s), float(g), int(n), name) for name in cfg.scheduler for s in cfg.strength
+            for g in cfg.guidance_scale for n in cfg.steps]
 
 
 def _spacing(values: list[float]) -> float:
@@ -46,17 +49,21 @@ def _spacing(values: list[float]) -> float:
 
 
 def refine_trials(cfg: SearchConfig, best: Trial, tried: set[Trial], round_no: int) -> list[Trial]:
-    """Half-steps around the best: strength ± gap/2^r, guidance ± gap/2^r, steps kept. At most 4 trials."""
+    """Half-steps around the best: strength ± gap/2^r, guidance ± gap/2^r, steps and sampler kept. At most 4."""
     ds = _spacing(cfg.strength) / 2**round_no
     dg = _spacing(cfg.guidance_scale) / 2**round_no
     out: list[Trial] = []
     for s, g in ((best.strength - ds, best.guidance_scale), (best.strength + ds, best.guidance_scale),
                  (best.strength, best.guidance_scale - dg), (best.strength, best.guidance_scale + dg)):
-        trial = Trial(round(s, 4), round(g, 4), best.steps)
+        trial = Trial(round(s, 4), round(g, 4), best.steps, best.scheduler)
         # guidance <= 1 switches classifier-free guidance off in diffusers: all such values are the same trial
         if 0.0 < trial.strength <= 1.0 and trial.guidance_scale >= 1.0 and trial not in tried and trial not in out:
             out.append(trial)
     return out
+
+
+def trial_of(record: dict) -> Trial:
+    return Trial(record["strength"], record["guidance_scale"], record["steps"], record.get("scheduler", "ddim"))
 
 
 def cycled(sources: list[Path], n: int) -> list[Path]:
@@ -85,21 +92,38 @@ class SearchRun:
         n, cfg = self.params.search.images_per_trial, self.params.search
         start = time.perf_counter()
         images = render(self.pipe, self.params, self.cls, cycled(self.sources, n), trial.strength,
-                        trial.guidance_scale, trial.steps, seeds_for(self.params.seed, self.cls, "search", n))
+                        trial.guidance_scale, trial.steps, seeds_for(self.params.seed, self.cls, "search", n),
+                        scheduler=trial.scheduler)
         real, fake = self.scorer.features(self.real, "real features"), self.scorer.features(images)
         scores = self.scorer.score_features(real, fake)
         seed = derive_seed(self.params.seed, self.cls, "bootstrap") % 2**32
         fid_std = fid_bootstrap_std(real, fake, cfg.bootstrap, seed)
         new = novelty(fake, real, self.scorer.features(self.sources, "train features"))
+        detail = detail_ratio(self.real, images, self.real_detail_energy)
         return {**asdict(trial), "stage": stage, **scores, f"{self.scorer.keys['fid']}_std": round(fid_std, 6),
-                "novelty": round(new, 6), "seconds": round(time.perf_counter() - start, 3)}
+                "novelty": round(new, 6), "detail_ratio": round(detail, 6),
+                "seconds": round(time.perf_counter() - start, 3)}
+
+    @functools.cached_property
+    def real_detail_energy(self) -> float:
+        return mean_detail_energy(self.real)
+
+    def eligible(self, trial: dict) -> bool:
+        """Neither a near-copy of the train images (`search.min_novelty`) nor a blurred one
+        (`search.min_detail_ratio`)."""
+        cfg = self.params.search
+        return trial["novelty"] >= cfg.min_novelty and trial.get("detail_ratio", 1.0) >= cfg.min_detail_ratio
 
     def best(self, trials: list[dict]) -> dict:
-        """Lowest FID among trials novel enough; if none is, the most novel one (never a pure copy)."""
+        """Lowest FID among the eligible trials. If none is: among the novel ones the most detailed, else the most
+        novel one (never a pure copy)."""
+        eligible = [t for t in trials if self.eligible(t)]
+        if eligible:
+            return min(eligible, key=lambda t: t[self.scorer.keys["fid"]])
         novel = [t for t in trials if t["novelty"] >= self.params.search.min_novelty]
-        if not novel:
-            return max(trials, key=lambda t: t["novelty"])
-        return min(novel, key=lambda t: t[self.scorer.keys["fid"]])
+        if novel:
+            return max(novel, key=lambda t: t.get("detail_ratio", 0.0))
+        return max(trials, key=lambda t: t["novelty"])
 
     def run(self, on_trial: Callable[[dict], None] | None = None) -> list[dict]:
         """Grid, then refinement rounds; `on_trial(record)` sees each finished trial (MLflow child runs)."""
@@ -115,8 +139,8 @@ class SearchRun:
         do(grid_trials(cfg), "grid")
         for r in range(1, (cfg.refine_rounds if cfg.refine else 0) + 1):
             best = self.best(results)
-            tried = {Trial(t["strength"], t["guidance_scale"], t["steps"]) for t in results}
-            best_trial = Trial(best["strength"], best["guidance_scale"], best["steps"])
+            tried = {trial_of(t) for t in results}
+            best_trial = trial_of(best)
             do(refine_trials(cfg, best_trial, tried, r), f"refine-{r}")
         return results
 
@@ -146,14 +170,15 @@ def search_summary(run: SearchRun, trials: list[dict]) -> dict:
     return {
         "class": run.cls, "feature_net": run.scorer.extractor.name, "metric": fid, "real_split": "val+pool",
         "n_real": len(run.real), "n_train": len(run.sources), "images_per_trial": run.params.search.images_per_trial,
-        "mode": run.params.generate.mode, "scheduler": run.params.generate.scheduler,
-        "min_novelty": run.params.search.min_novelty,
+        "mode": run.params.generate.mode, "min_novelty": run.params.search.min_novelty,
+        "min_detail_ratio": run.params.search.min_detail_ratio,
         "noise": {f"median_{fid}_std": float(np.median([t[f"{fid}_std"] for t in trials])),
                   "best_vs_runner_up_sigmas": _separation(trials, best, fid)},
         "rejected_as_copies": sum(t["novelty"] < run.params.search.min_novelty for t in trials),
-        "best": {"strength": best["strength"], "guidance_scale": best["guidance_scale"], "steps": best["steps"],
-                 fid: best[fid], f"{fid}_std": best[f"{fid}_std"], keys["kid_mean"]: best[keys["kid_mean"]],
-                 "novelty": best["novelty"]},
+        "rejected_as_blurred": sum(t["detail_ratio"] < run.params.search.min_detail_ratio for t in trials),
+        "best": {**asdict(trial_of(best)), fid: best[fid], f"{fid}_std": best[f"{fid}_std"],
+                 keys["kid_mean"]: best[keys["kid_mean"]], "novelty": best["novelty"],
+                 "detail_ratio": best["detail_ratio"]},
         # wall-clock seconds go to MLflow only: the report is a DVC output and must not change between equal runs
         "trials": [{k: v for k, v in t.items() if k != "seconds"} for t in trials],
     }

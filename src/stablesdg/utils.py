@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -53,8 +56,12 @@ def sha256_tree(path: str | Path) -> str:
         return sha256_file(path)
     h = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(file.relative_to(path).as_posix().encode())
-        h.update(sha256_file(file).encode())
+        h.update(file.relative_to(path).as_posix().encode("utf-8", "surrogateescape"))
+        try:
+            h.update(sha256_file(file).encode())
+        except OSError as err:  # unreadable to this user: named in the hash and the log, not fatal
+            log.warning("sha256_tree: cannot read %s (%s); hashed as unreadable", file, err.strerror or err)
+            h.update(b"unreadable")
     return h.hexdigest()
 
 

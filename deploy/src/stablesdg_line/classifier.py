@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +25,22 @@ from .contract import (
     parse_preprocess_spec,
     provenance_metadata,
 )
-from .images import DEFAULT_MAX_PIXELS, ImageRejected, ImageSource, load_image, preprocess, stack_batch
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    ImageRejected,
+    ImageSource,
+    file_kind,
+    load_image,
+    open_regular_file,
+    preprocess,
+    stack_batch,
+)
+
+# A line classifier is tens of megabytes (resnet18 fp32: 45 MB); anything above this is not one, and a
+# device such as /dev/zero would otherwise be read until memory runs out.
+MAX_MODEL_BYTES = 1 << 30
+# The contract run at load uses a batch of this many: an output of [1, K] for any batch shows only with N > 1.
+CONTRACT_BATCH = 2
 
 
 class ModelIntegrityError(RuntimeError):
@@ -113,6 +130,34 @@ def _verify_sha256(model_bytes: bytes, expected: str | None, path: Path) -> str:
     return actual
 
 
+def read_model_file(path: Path) -> bytes:
+    """The model's bytes, only from a regular file of sane size (a FIFO would hang, /dev/zero never ends)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError as err:
+        raise ModelContractError(f"model file {path} not found") from err
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelContractError(f"model {path} is not a regular file ({file_kind(info.st_mode)})")
+    if info.st_size > MAX_MODEL_BYTES:
+        raise ModelContractError(f"model {path} is {info.st_size} bytes, above the {MAX_MODEL_BYTES} a line "
+                                 "classifier can need")
+    try:
+        with open_regular_file(path) as handle:
+            data = handle.read(MAX_MODEL_BYTES + 1)
+    except ImageRejected as err:
+        raise ModelContractError(f"model {err}") from err
+    if len(data) > MAX_MODEL_BYTES:
+        raise ModelContractError(f"model {path} grew above {MAX_MODEL_BYTES} bytes while being read")
+    return data
+
+
+def _check_output_shape(logits: np.ndarray, batch: int, classes: int, path: Path) -> None:
+    if logits.shape != (batch, classes):
+        raise ModelContractError(f"model {path} returns '{OUTPUT_NAME}' of shape {list(logits.shape)} for a "
+                                 f"batch of {batch}; the contract is [N, {classes}] (one row of "
+                                 f"{classes} logits per image)")
+
+
 def _check_io(session: ort.InferenceSession, spec: PreprocessSpec) -> None:
     inputs, outputs = session.get_inputs(), session.get_outputs()
     input_names, output_names = [i.name for i in inputs], [o.name for o in outputs]
@@ -136,7 +181,7 @@ class Classifier:
     def __init__(self, model_path: str | Path, options: RuntimeOptions | None = None):
         self.options = options or RuntimeOptions()
         self.model_path = Path(model_path)
-        model_bytes = self.model_path.read_bytes()
+        model_bytes = read_model_file(self.model_path)
         # Hash and load the very same bytes, so the file cannot be swapped between check and load.
         self.sha256 = _verify_sha256(model_bytes, self.options.expected_sha256, self.model_path)
         self.session = self._open_session(model_bytes)
@@ -156,20 +201,28 @@ class Classifier:
         try:
             return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for unparsable/unsupported graphs
+            if "model_path must not be empty" in str(err):  # loaded from the pinned bytes, no path: by design
+                raise ModelContractError(
+                    f"model {self.model_path} references external data files, which its sha256 pin would "
+                    "not cover: refused. Export it as one file (torch.onnx.export(..., external_data=False))"
+                ) from err
             raise ModelContractError(f"onnxruntime cannot load {self.model_path}: {err}") from err
 
     def _warm_up(self) -> None:
+        """The contract run (a batch of CONTRACT_BATCH, always) and then the requested warm-up runs."""
         try:
-            dummy = np.zeros((1, *self.spec.input_shape), dtype=np.float32)
+            dummy = np.zeros((CONTRACT_BATCH, *self.spec.input_shape), dtype=np.float32)
+            logits = self.run_batch(dummy)
             for _ in range(self.options.warmup_runs):
-                logits = self.run_batch(dummy)
+                self.run_batch(dummy[:1])
         except MemoryError as err:
             raise ModelContractError(f"model {self.model_path}: not enough memory for one input of shape "
                                      f"{self.spec.input_shape} (metadata 'input_size')") from err
         except Exception as err:  # onnxruntime's own error types: the graph cannot run on a valid input
             raise ModelContractError(f"model {self.model_path} fails on an input of shape "
                                      f"{self.spec.input_shape}: {err}") from err
-        if self.options.warmup_runs > 0 and not np.all(np.isfinite(logits)):
+        _check_output_shape(np.asarray(logits), CONTRACT_BATCH, len(self.class_names), self.model_path)
+        if not np.all(np.isfinite(logits)):
             raise ModelContractError(f"model {self.model_path} returns non-finite logits for a blank input "
                                      "(check 'mean', 'std' and the weights)")
 

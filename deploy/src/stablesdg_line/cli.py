@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
@@ -29,6 +30,9 @@ DEFAULT_QUEUE_TIMEOUT_S = 10.0
 DEFAULT_MAX_BATCH = 32  # batching.DEFAULT_MAX_BATCH
 
 TOKEN_ENV = "STABLESDG_LINE_TOKEN"
+# uvicorn answers 503 beyond this many connections + tasks, long before the usual 1024-descriptor limit.
+DEFAULT_LIMIT_CONCURRENCY = 512
+DEFAULT_KEEP_ALIVE_S = 5.0
 CSV_COLUMNS = ("file", "class", "confidence", "scores", "latency_ms", "model_version", "error")
 EXIT_MODEL_REFUSED = 2  # also argparse's usage-error code: "the invocation cannot work as given"
 EXIT_SOME_FILES_FAILED = 3
@@ -82,7 +86,16 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--token", help=f"require 'Authorization: Bearer TOKEN' (default: env {TOKEN_ENV})")
+    serve.add_argument("--token-file", type=Path, metavar="FILE",
+                       help="require 'Authorization: Bearer TOKEN', TOKEN read from FILE (preferred; or set "
+                            f"env {TOKEN_ENV})")
+    serve.add_argument("--token", help="the token on the command line: visible to every user in `ps`; prefer "
+                                       f"--token-file or env {TOKEN_ENV}")
+    serve.add_argument("--limit-concurrency", type=int, default=DEFAULT_LIMIT_CONCURRENCY,
+                       help="open connections + tasks above which new ones get 503 at once (uvicorn's "
+                            f"limit; default {DEFAULT_LIMIT_CONCURRENCY}, keep it below LimitNOFILE)")
+    serve.add_argument("--keep-alive-timeout", type=float, default=DEFAULT_KEEP_ALIVE_S,
+                       help=f"seconds an idle connection stays open (default {DEFAULT_KEEP_ALIVE_S:g})")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20)")
     serve.add_argument("--max-files", type=int, default=32, help="most files per request (default 32)")
     serve.add_argument("--max-request-pixels", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
@@ -125,10 +138,14 @@ def expand_paths(paths: Iterable[Path], recursive: bool) -> Iterator[Path]:
 
 @contextmanager
 def _open_output(output: Path | None) -> Iterator[IO[str]]:
+    """UTF-8 text; a file name that is not UTF-8 (surrogate-escaped by Python) is written as its escape,
+    never an exception that loses the row (JSONL escapes it by itself)."""
     if output is None:
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(errors="backslashreplace")
         yield sys.stdout
         return
-    with output.open("w", encoding="utf-8", newline="") as handle:
+    with output.open("w", encoding="utf-8", errors="backslashreplace", newline="") as handle:
         yield handle
 
 
@@ -193,7 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .server import ServeConfig, create_app
     except ImportError as err:
         raise SystemExit(f"serve needs the HTTP extra: pip install 'stablesdg-line[serve]' ({err})") from err
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    token = resolve_token(args)
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: anyone on the network can use the model", args.host)
     config = ServeConfig(token=token, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
@@ -202,8 +219,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          queue_timeout_s=args.queue_timeout, max_batch=args.max_batch,
                          batch_wait_s=args.batch_wait_ms / 1000.0)
     app = create_app(_load_classifier(args), config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False,
+                limit_concurrency=args.limit_concurrency, timeout_keep_alive=args.keep_alive_timeout)
     return 0
+
+
+class TokenError(ValueError):
+    """A token was given but cannot be used (empty, unreadable file)."""
+
+
+def resolve_token(args: argparse.Namespace) -> str | None:
+    """--token-file, then --token, then the environment; a token that is given but empty is refused (an
+    empty secret would otherwise silently serve without authentication)."""
+    given: list[tuple[str, str]] = []
+    if args.token_file is not None:
+        try:
+            given.append((f"--token-file {args.token_file}", args.token_file.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as err:
+            raise TokenError(f"cannot read --token-file {args.token_file}: {err}") from err
+    if args.token is not None:
+        given.append(("--token", args.token))
+    if TOKEN_ENV in os.environ:
+        given.append((f"env {TOKEN_ENV}", os.environ[TOKEN_ENV]))
+    if not given:
+        return None
+    source, token = given[0]
+    token = token.strip()
+    if not token:
+        raise TokenError(f"{source} is set but empty: refusing to serve without the token it was meant to "
+                         f"require (unset it to serve without a token)")
+    return token
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -247,7 +292,17 @@ def format_info(d: dict) -> str:
         ("int8 gate", f"{p['int8_decision']}: {p['int8_reason']}"),
         ("stablesdg", d["stablesdg_version"]),
     ]
-    return "\n".join(f"{name:<14} {value}" for name, value in rows)
+    return "\n".join(f"{name:<14} {printable(value)}" for name, value in rows)
+
+
+def printable(value: object) -> str:
+    """Metadata as text a terminal shows and never obeys: control characters (escape sequences, newlines)
+    and undecodable bytes are printed as Python escapes."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
 
 
 COMMANDS = {"classify": cmd_classify, "watch": cmd_watch, "serve": cmd_serve, "info": cmd_info,
@@ -260,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ModelIntegrityError, ModelContractError, WatchError, OSError) as err:
+    except (ModelIntegrityError, ModelContractError, WatchError, TokenError, OSError) as err:
         print(f"stablesdg-line: error: {err}", file=sys.stderr)
         return EXIT_MODEL_REFUSED
     except KeyboardInterrupt:

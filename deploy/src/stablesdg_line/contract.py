@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,12 @@ SUPPORTED_RESIZE = ("bilinear",)
 MAX_INPUT_SIDE = 4096
 # Smallest |std| accepted: below it (e.g. 1e-45) normalised pixels overflow float32 and every score is NaN.
 MIN_STD = 1e-6
+# The pipeline's own rule for class names (src/stablesdg/config.py CLASS_NAME_PATTERN, at most 64 characters):
+# a name it would refuse, e.g. one with escape sequences or newlines, cannot come from a real export.
+CLASS_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
+MAX_CLASS_NAME_LENGTH = 64
+# Contract values are short JSON; a megabyte of nesting is a hostile file (json.loads recurses per level).
+MAX_METADATA_VALUE_BYTES = 64 * 1024
 
 
 class ModelContractError(ValueError):
@@ -59,10 +66,16 @@ def _required(metadata: dict[str, str], key: str) -> str:
 
 def _json(metadata: dict[str, str], key: str):
     raw = _required(metadata, key)
+    if len(raw) > MAX_METADATA_VALUE_BYTES:
+        raise ModelContractError(f"model metadata '{key}' is {len(raw)} characters long, above the "
+                                 f"{MAX_METADATA_VALUE_BYTES} a contract value can need")
     try:
         return json.loads(raw)
+    except RecursionError as err:
+        raise ModelContractError(f"model metadata '{key}' is JSON nested too deeply to be a contract "
+                                 "value") from err
     except json.JSONDecodeError as err:
-        raise ModelContractError(f"model metadata '{key}' is not valid JSON: {raw!r}") from err
+        raise ModelContractError(f"model metadata '{key}' is not valid JSON: {raw[:200]!r}") from err
 
 
 def _float_vector(metadata: dict[str, str], key: str, length: int) -> np.ndarray:
@@ -89,6 +102,11 @@ def _class_names(metadata: dict[str, str]) -> tuple[str, ...]:
                                  "each logit needs its own name")
     if any(not n.strip() for n in names):
         raise ModelContractError(f"model metadata 'class_names' contains an empty name: {names!r}")
+    refused = [n for n in names if not CLASS_NAME_PATTERN.fullmatch(n) or len(n) > MAX_CLASS_NAME_LENGTH]
+    if refused:
+        raise ModelContractError(f"model metadata 'class_names' has names the pipeline refuses: {refused!r} "
+                                 f"(each must match {CLASS_NAME_PATTERN.pattern}, at most "
+                                 f"{MAX_CLASS_NAME_LENGTH} characters)")
     return tuple(names)
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import io
 import os
 import stat
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .contract import PreprocessSpec
 
@@ -30,6 +31,18 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 INCOMPLETE_REASONS = ("empty file", "cannot decode image data")
 
 ImageSource = str | Path | bytes | BinaryIO
+
+# The cost of an image is bounded before Pillow parses it, not only its pixels (issue 24): metadata that
+# inflates to megabytes, a TIFF with a million strips or a JPEG with thousands of scans each cost seconds of
+# CPU or a GB of memory at open/decode while claiming a small size. A camera frame has a few text chunks,
+# at most a few thousand strips or tiles, and a progressive JPEG about ten scans.
+MAX_TEXT_CHUNK_BYTES = 256 * 1024
+MAX_TEXT_TOTAL_BYTES = 1024 * 1024
+MAX_TIFF_STRIPS = 65_536
+MAX_JPEG_SCANS = 64
+PngImagePlugin.MAX_TEXT_CHUNK = MAX_TEXT_CHUNK_BYTES  # Pillow's own limits (defaults 1 MB / 64 MB)
+PngImagePlugin.MAX_TEXT_MEMORY = MAX_TEXT_TOTAL_BYTES
+TIFF_STRIP_TAGS = (273, 324)  # StripOffsets, TileOffsets
 
 
 class ImageRejected(ValueError):
@@ -96,7 +109,41 @@ def _reject_if_empty(stream: BinaryIO) -> None:
     stream.seek(start)
 
 
+def _jpeg_scans(data: bytes) -> int:
+    """Start-of-scan markers: entropy-coded data stuffs each 0xFF with 0x00, so FF DA is always a marker."""
+    return data.count(b"\xff\xda")
+
+
+def _tiff_strips(data: bytes) -> int:
+    """Strip or tile count of the first IFD of a classic TIFF, from its 12-byte entries (no Pillow parse)."""
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        (offset,) = struct.unpack_from(order + "I", data, 4)
+        (entries,) = struct.unpack_from(order + "H", data, offset)
+        for i in range(min(entries, 4096)):
+            tag, _type, count = struct.unpack_from(order + "HHI", data, offset + 2 + 12 * i)
+            if tag in TIFF_STRIP_TAGS:
+                return count
+    except struct.error:
+        return 0  # cut short: Pillow gives the reason
+    return 0
+
+
+def check_structure(stream: BinaryIO) -> None:
+    """Refuse, before any parser runs, a file whose structure alone would cost more than an image can need."""
+    start = stream.tell()
+    data = stream.read()
+    stream.seek(start)
+    if data[:2] == b"\xff\xd8" and (scans := _jpeg_scans(data)) > MAX_JPEG_SCANS:
+        raise ImageRejected(f"JPEG has {scans} scans, above the limit of {MAX_JPEG_SCANS} (a progressive "
+                            "camera frame has about 10): refused before decoding")
+    if data[:4] in (b"II*\x00", b"MM\x00*") and (strips := _tiff_strips(data)) > MAX_TIFF_STRIPS:
+        raise ImageRejected(f"TIFF has {strips} strips or tiles, above the limit of {MAX_TIFF_STRIPS}: "
+                            "refused before parsing")
+
+
 def _open_allowed(stream: BinaryIO) -> Image.Image:
+    check_structure(stream)
     try:
         return Image.open(stream, formats=ALLOWED_FORMATS)
     except UnidentifiedImageError as err:
@@ -105,7 +152,16 @@ def _open_allowed(stream: BinaryIO) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise ImageRejected(f"decompression bomb refused: {err}") from err
     except Exception as err:  # any decoder bug on hostile input must stay a per-file error
-        raise ImageRejected(f"cannot open image: {type(err).__name__}: {err}") from err
+        reason = _metadata_reason(err) or f"cannot open image: {type(err).__name__}: {err}"
+        raise ImageRejected(reason) from err
+
+
+def _metadata_reason(err: Exception) -> str | None:
+    """Pillow's text-chunk limits raise a plain ValueError: name it as the metadata limit it is."""
+    if isinstance(err, ValueError) and "text" in str(err).lower():
+        return (f"metadata too large: {err} (limit {MAX_TEXT_CHUNK_BYTES} bytes a chunk, "
+                f"{MAX_TEXT_TOTAL_BYTES} in all)")
+    return None
 
 
 def _check_size(img: Image.Image, max_pixels: int) -> None:
@@ -153,7 +209,9 @@ def _decode(stream: BinaryIO, max_pixels: int) -> Image.Image:
     try:
         img.load()  # forces full decoding here, so truncated data fails now and not mid-batch
     except Exception as err:
-        raise ImageRejected(f"cannot decode image data ({img.format}): {type(err).__name__}: {err}") from err
+        reason = (_metadata_reason(err)
+                  or f"cannot decode image data ({img.format}): {type(err).__name__}: {err}")
+        raise ImageRejected(reason) from err
     return img
 
 

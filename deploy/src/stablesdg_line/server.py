@@ -226,13 +226,16 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
         # A sync endpoint runs in the threadpool; onnxruntime sessions are safe to share across threads.
         if len(files) > config.max_files:
             return _json(413, f"at most {config.max_files} files per request")
-        pixels = _request_pixels(files, classifier.options.max_pixels)
-        if pixels > config.max_request_pixels:
-            return _json(413, f"the images in this request have {pixels} pixels in all, above the "
-                              f"per-request budget of {config.max_request_pixels}; send fewer per request")
         names = [upload.filename or f"upload-{i}" for i, upload in enumerate(files)]
+        pixels = 0
         try:
+            # Headers are parsed inside the slot too: parsing is part of an image's cost (issue 24).
             with limiter.slot():
+                pixels = _request_pixels(files, classifier.options.max_pixels)
+                if pixels > config.max_request_pixels:
+                    return _json(413, f"the images in this request have {pixels} pixels in all, above the "
+                                      f"per-request budget of {config.max_request_pixels}; send fewer per "
+                                      "request")
                 predictions = classifier.classify([upload.file for upload in files], names=names)
         except Busy as err:
             return _json(503, f"busy, retry later: {err}", **{"Retry-After": "1"})

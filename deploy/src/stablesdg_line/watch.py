@@ -19,6 +19,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -118,20 +119,25 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_rows(results: Path) -> list[dict]:
-    """Rows of the results file; a torn last line (crash mid-write) is skipped, that file is simply redone."""
-    rows: list[dict] = []
+def iter_rows(results: Path) -> Iterator[dict]:
+    """Rows of the results file, streamed line by line (start-up memory does not grow with the history);
+    a torn last line (crash mid-write) is skipped, that file is simply redone."""
     if not results.exists():
-        return rows
-    for number, line in enumerate(results.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            row = json.loads(line)
-            FileKey(row["name"], int(row["size"]), int(row["mtime_ns"]))
-            rows.append(row)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            if line.strip():
-                log.warning("skipping unreadable line %d of %s", number, results)
-    return rows
+        return
+    with results.open("r", encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                row = json.loads(line)
+                FileKey(row["name"], int(row["size"]), int(row["mtime_ns"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
+                if line.strip():
+                    log.warning("skipping unreadable line %d of %s", number, results)
+                continue
+            yield row
+
+
+def read_rows(results: Path) -> list[dict]:
+    return list(iter_rows(results))
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -161,6 +167,10 @@ class DropFolderWatcher:
         self.classifier = classifier
         self.config = config
         self._previous_scan: dict[str, FileKey] = {}
+        # When this process first saw each version of a file (monotonic clock): readiness and the grace
+        # period never compare the writer's mtime with our clock (a camera or share may be hours off).
+        self._first_seen: dict[FileKey, float] = {}
+        self._results_identity: tuple[int, int] | None = None
         self._state = _State()
         self._results: IO[str] | None = None
         self._ignored_logged: set[tuple[str, str]] = set()
@@ -171,19 +181,56 @@ class DropFolderWatcher:
         self.config.results.parent.mkdir(parents=True, exist_ok=True)
         self._results = self.config.results.open("a", encoding="utf-8")
         self._lock_results()
-        rows = read_rows(self.config.results)
-        for row in rows:
-            if row.get("rejected_to"):
-                continue  # the file was moved away: the same name showing up again is a new delivery
-            if row.get("sha256"):
-                self._state.done.add((row["name"], row["sha256"]))
-            else:
-                self._state.legacy_done.add(FileKey(row["name"], int(row["size"]), int(row["mtime_ns"])))
+        self._results_identity = self._identity()
+        rows = self._load_state()
         self._terminate_torn_line()
         self._reconcile(rows)
         log.info("watching %s; %d files already done per %s", self.config.drop_dir,
                  len(self._state.done) + len(self._state.legacy_done), self.config.results)
         return self
+
+    def _load_state(self) -> list[dict]:
+        """Keep only the history of names now in the drop folder: memory follows the folder, not the file.
+
+        Returns the reject rows whose file may still need its interrupted move finished (reconcile).
+        """
+        present = set(self._listed_names())
+        pending_rejects: list[dict] = []
+        for row in iter_rows(self.config.results):
+            if row["name"] not in present:
+                continue
+            if row.get("rejected_to"):
+                pending_rejects.append(row)  # moved away: the same name again is a new delivery
+            elif row.get("sha256"):
+                self._state.done.add((row["name"], row["sha256"]))
+            else:
+                self._state.legacy_done.add(FileKey(row["name"], int(row["size"]), int(row["mtime_ns"])))
+        return pending_rejects
+
+    def _listed_names(self) -> Iterator[str]:
+        try:
+            with os.scandir(self.config.drop_dir) as entries:
+                for entry in entries:
+                    yield entry.name
+        except FileNotFoundError:
+            return
+
+    def _identity(self) -> tuple[int, int]:
+        info = os.fstat(self._results.fileno())
+        return info.st_dev, info.st_ino
+
+    def _check_results_file(self) -> None:
+        """Before each write: the path must still be the file we hold open. Rows written to a deleted or
+        replaced file would be lost without a word, and their files classified again on restart."""
+        try:
+            info = os.stat(self.config.results)
+            same = (info.st_dev, info.st_ino) == self._results_identity
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise WatchError(f"results file {self.config.results} was deleted or replaced while watching; "
+                             "stopping before any row is lost. Restore it (or rotate only while the watcher "
+                             "is stopped, see the README) and start again")
 
     def __exit__(self, *exc) -> None:
         if self._results is not None:
@@ -237,6 +284,8 @@ class DropFolderWatcher:
                 if summary.classified or summary.rejected:
                     log.info("classified %d, rejected %d, pending %d, deferred %d", summary.classified,
                              summary.rejected, summary.pending, summary.deferred)
+            except WatchError:
+                raise  # the results file is gone: going on would lose rows
             except Exception:  # e.g. drop folder briefly unmounted: keep the service alive
                 log.exception("watch pass failed; retrying in %.1fs", self.config.poll_interval)
             stop.wait(self.config.poll_interval)
@@ -273,7 +322,8 @@ class DropFolderWatcher:
         return keys
 
     def _split_ready(self, current: dict[str, FileKey]) -> tuple[list[ReadyFile], int]:
-        settled_before = time.time_ns() - int(self.config.settle_seconds * 1e9)
+        now = time.monotonic()
+        self._first_seen = {key: self._first_seen.get(key, now) for key in current.values()}
         known = {key: sha for key, sha in self._state.known.items() if current.get(key.name) == key}
         ready, pending = [], 0
         for key in current.values():
@@ -282,7 +332,8 @@ class DropFolderWatcher:
             sha = known.get(key)
             if sha is not None and self._state.handled(key.name, sha):
                 continue
-            if self._previous_scan.get(key.name) != key or key.mtime_ns > settled_before:
+            unchanged_s = now - self._first_seen[key]
+            if self._previous_scan.get(key.name) != key or unchanged_s < self.config.settle_seconds:
                 pending += 1
                 continue
             if sha is None:
@@ -300,6 +351,7 @@ class DropFolderWatcher:
         return sorted(ready, key=lambda r: r.key.name), pending
 
     def _handle_batch(self, files: list[ReadyFile]) -> tuple[int, int, int]:
+        self._check_results_file()
         supported = [f for f in files if Path(f.key.name).suffix.lower() in IMAGE_EXTENSIONS]
         predictions = self.classifier.classify([self.config.drop_dir / f.key.name for f in supported])
         by_name = {f.key.name: p for f, p in zip(supported, predictions, strict=True)}
@@ -328,7 +380,7 @@ class DropFolderWatcher:
         return (stat.st_size, stat.st_mtime_ns) == (key.size, key.mtime_ns)
 
     def _defer(self, key: FileKey, reason: str | None) -> bool:
-        age_s = (time.time_ns() - key.mtime_ns) / 1e9
+        age_s = time.monotonic() - self._first_seen.get(key, time.monotonic())
         if not _maybe_incomplete(reason) or age_s >= self.config.incomplete_grace_seconds:
             return False
         if key not in self._deferred_logged:
@@ -360,7 +412,8 @@ class DropFolderWatcher:
         reason_file = destination.with_name(destination.name + ".reason.txt")
         if not reason_file.exists():
             reason_file.write_text(f"{reason}\nfile: {source.name}\nsize: {size}\nrejected_at: {_now_iso()}\n"
-                                   f"model_version: {self.classifier.model_version}\n", encoding="utf-8")
+                                   f"model_version: {self.classifier.model_version}\n", encoding="utf-8",
+                                   errors="backslashreplace")  # a name that is not UTF-8 stays readable
         shutil.move(source, destination)
 
     def _record(self, item: ReadyFile, prediction: Prediction, rejected_to: str | None) -> None:

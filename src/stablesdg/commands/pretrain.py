@@ -15,9 +15,10 @@ from pathlib import Path
 import click
 import torch
 
-from ..classifier import BackbonePretrainConfig, pretrain_backbone, save_body_weights
-from ..corpus import CorpusError, FolderCorpus
-from ..metrics import SURFACE_NET_DIR, SURFACE_SIZE, SurfaceNetRecipe, pretrain_surface_net, save_surface_net
+from ..metrics import SURFACE_NET_DIR, SURFACE_SIZE
+from ..pretraining.backbone import BackbonePretrainConfig, pretrain_backbone, save_body_weights
+from ..pretraining.corpus import CorpusError, FolderCorpus
+from ..pretraining.feature_net import SurfaceNetRecipe, pretrain_surface_net, save_surface_net
 from ..stages.common import cli_errors
 from ..utils import pick_device, sha256_file, write_json
 

@@ -61,11 +61,11 @@ def tracked_search(run: SearchRun, adapter_dir: Path, processed: Path, out_dir: 
     fid = run.scorer.keys["fid"]
 
     def log_trial(t: dict) -> None:
-        with mlflow.start_run(run_name=f"{run.cls}-s{t['strength']}-g{t['guidance_scale']}-n{t['steps']}",
+        with mlflow.start_run(run_name=f"{run.cls}-{t['scheduler']}-s{t['strength']}-g{t['guidance_scale']}-n{t['steps']}",
                               nested=True, tags={"stage": "search-trial", "class": run.cls, "phase": t["stage"]}):
-            mlflow.log_params({k: t[k] for k in ("strength", "guidance_scale", "steps")})
+            mlflow.log_params({k: t[k] for k in ("strength", "guidance_scale", "steps", "scheduler")})
             mlflow.log_metrics({k: v for k, v in t.items()
-                                if k.startswith(("fid", "kid")) or k in ("seconds", "novelty")})
+                                if k.startswith(("fid", "kid")) or k in ("seconds", "novelty", "detail_ratio")})
 
     with tracking.stage_run("search", run.params, inputs=[adapter_dir, processed / "images" / run.cls],
                             run_name=f"search-{run.cls}", extra_tags={"class": run.cls,
@@ -73,8 +73,9 @@ def tracked_search(run: SearchRun, adapter_dir: Path, processed: Path, out_dir: 
         summary = search_summary(run, run.run(on_trial=log_trial))
         paths = write_search_outputs(out_dir, run.cls, summary)
         best = summary["best"]
-        mlflow.log_params({f"best.{k}": best[k] for k in ("strength", "guidance_scale", "steps")})
+        mlflow.log_params({f"best.{k}": best[k] for k in ("strength", "guidance_scale", "steps", "scheduler")})
         mlflow.log_metrics({f"best_{fid}": best[fid], "best_novelty": best["novelty"],
+                            "best_detail_ratio": best["detail_ratio"],
                             "best_strength": best["strength"],
                             "best_guidance_scale": best["guidance_scale"], "best_steps": best["steps"],
                             "trials": len(summary["trials"])})
@@ -96,4 +97,4 @@ def search_command(cls: str, params_path: str, processed: Path, adapters: Path, 
     summary = search_class(params, cls, processed, adapters / cls, out)
     b, key = summary["best"], summary["metric"]
     click.echo(f"search {cls}: {len(summary['trials'])} trials, best strength {b['strength']}, guidance "
-               f"{b['guidance_scale']}, steps {b['steps']} ({key} {b[key]:.3f}) -> {out / (cls + '.json')}")
+               f"{b['guidance_scale']}, steps {b['steps']}, {b['scheduler']} ({key} {b[key]:.3f}) -> {out / (cls + '.json')}")

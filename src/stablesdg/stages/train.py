@@ -19,21 +19,23 @@ from torch import nn
 
 from .. import registry, tracking
 from ..classifier import (
-    VARIANTS,
     EpochRecord,
     Evaluation,
     ImageSet,
-    Splits,
-    VariantResult,
     evaluate,
-    gain,
-    load_splits,
     misclassified_grid,
-    repeated_gain,
     save_weights,
-    scorer_on_test_set,
     split_hash,
     train_classifier,
+)
+from ..comparison import (
+    VARIANTS,
+    Splits,
+    VariantResult,
+    gain,
+    load_splits,
+    repeated_gain,
+    scorer_on_test_set,
     variant_synthetic,
     variant_train_set,
 )

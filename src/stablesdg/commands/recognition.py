@@ -15,27 +15,30 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 try:  # MLflow is optional here: `--no-track` runs where it is not installed (a lent GPU machine)
     import mlflow
 
-    from . import tracking
+    from .. import tracking
 except ImportError:  # pragma: no cover - exercised on such a machine only
     mlflow = tracking = None  # type: ignore[assignment]
-from .classifier import (
+from ..comparison import (
     GAIN_METRICS,
-    ImageSet,
     Splits,
-    evaluate,
+    TrainSet,
+    gain_cell,
     load_splits,
-    train_classifier,
+    markdown_table,
+    mean_std_cell,
+    paired_gains,
+    run_arms,
+    seed_stats,
     variant_train_set,
 )
-from .config import ClassifierConfig, Params
-from .stages.common import load_or_exit, params_option
-from .utils import pick_device, write_json
+from ..config import ClassifierConfig, Params
+from ..stages.common import load_or_exit, params_option
+from ..utils import pick_device, write_json
 
 ARMS = (  # (name, label, training set)
     ("real", "real only", "real"),
@@ -52,55 +55,37 @@ def init_configs(cfg: ClassifierConfig, weights: Path | None) -> dict[str, Class
     return out
 
 
-def _stats(values: list[float]) -> dict:
-    arr = np.asarray(values, dtype=float)
-    return {"values": [round(v, 6) for v in values], "mean": float(arr.mean()),
-            "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
-
-
-def training_set(splits: Splits, which: str, cfg: ClassifierConfig) -> ImageSet:
+def training_set(which: str) -> TrainSet:
     """An arm's training set: the train stage's variants, with the real-only one at both baselines."""
     variant, steps = {"real": ("real_only", "epochs"), "repeated": ("real_only", "equal"),
-                      "real+synthetic": ("real_plus_synthetic", cfg.baseline_steps)}[which]
-    return variant_train_set(splits, variant, replace(cfg, baseline_steps=steps))
+                      "real+synthetic": ("real_plus_synthetic", None)}[which]
+    return lambda splits, cfg: variant_train_set(splits, variant, replace(cfg, baseline_steps=steps or
+                                                                          cfg.baseline_steps))
 
 
-def run_arms(splits: Splits, cfg: ClassifierConfig, seeds: list[int]) -> dict:
+def arms_table(splits: Splits, cfg: ClassifierConfig, seeds: list[int]) -> dict:
     """Every arm at every seed: test accuracy / macro-F1, and the paired gains of real + synthetic."""
     if splits.synthetic is None:
         raise click.ClickException(f"no synthetic images: {splits.skip_reason}")
-    scores: dict[str, dict[str, list[float]]] = {a: {m: [] for m in GAIN_METRICS} for a, *_ in ARMS}
-    for seed in seeds:
-        for arm, _, which in ARMS:
-            result = train_classifier(training_set(splits, which, cfg), splits.val, splits.spec, cfg, seed,
-                                      desc=f"{arm} seed {seed}")
-            evaluation = evaluate(result.model, splits.test, len(splits.spec.class_names))
-            for m in GAIN_METRICS:
-                scores[arm][m].append(evaluation.metric(m))
-    out: dict = {arm: {m: _stats(v) for m, v in per.items()} for arm, per in scores.items()}
+    evaluations = run_arms(splits, cfg, {arm: training_set(which) for arm, _, which in ARMS}, seeds)
+    out: dict = {arm: {m: seed_stats([e.metric(m) for e in evals]) for m in GAIN_METRICS}
+                 for arm, evals in evaluations.items()}
     for m in GAIN_METRICS:
-        out[f"gain_{m}"] = _stats(list(np.subtract(scores["real_synthetic"][m], scores["real"][m])))
-        out[f"gain_equal_steps_{m}"] = _stats(list(np.subtract(scores["real_synthetic"][m],
-                                                                scores["real_equal_steps"][m])))
+        out[f"gain_{m}"] = seed_stats(paired_gains(evaluations["real_synthetic"], evaluations["real"], m))
+        out[f"gain_equal_steps_{m}"] = seed_stats(paired_gains(evaluations["real_synthetic"],
+                                                               evaluations["real_equal_steps"], m))
     return out
-
-
-def _gain_cell(gain: dict) -> str:
-    ratio = gain["mean"] / gain["std"] if gain["std"] > 0 else float("inf")
-    return f"{gain['mean'] * 100:+.1f} ± {gain['std'] * 100:.1f} pt ({ratio:.1f} σ)"
 
 
 def markdown(result: dict) -> str:
     """Macro-F1 mean ± std per arm and initialisation, and the paired gain."""
+    header = ["initialisation", *(label for _, label, *_ in ARMS), "gain over real only", "gain over equal steps"]
+    rows = [[init, *(mean_std_cell(rec[a]["macro_f1"]) for a, *_ in ARMS),
+             *(gain_cell(rec[key]) for key in ("gain_macro_f1", "gain_equal_steps_macro_f1"))]
+            for init, rec in result["inits"].items()]
     lines = [f"# Recognition: test macro-F1, mean ± std over {len(result['seeds'])} seeds "
              f"(k = {result['k_shot']}, {result['n_test']} test images, backbone {result['backbone']})", "",
-             "| initialisation | " + " | ".join(label for _, label, *_ in ARMS)
-             + " | gain over real only | gain over equal steps |",
-             "|---|" + "---:|" * (len(ARMS) + 2)]
-    for init, rec in result["inits"].items():
-        cells = [f"{rec[a]['macro_f1']['mean']:.3f} ± {rec[a]['macro_f1']['std']:.3f}" for a, *_ in ARMS]
-        gains = [_gain_cell(rec[key]) for key in ("gain_macro_f1", "gain_equal_steps_macro_f1")]
-        lines.append(f"| {init} | {' | '.join(cells)} | {' | '.join(gains)} |")
+             *markdown_table(header, rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -108,7 +93,7 @@ def recognition(params: Params, processed: Path, synthetic: Path, seeds: int, we
     splits = load_splits(processed, synthetic, params)
     seed_list = [params.seed + i for i in range(seeds)]
     started = time.time()
-    inits = {name: run_arms(splits, cfg, seed_list) for name, cfg in init_configs(params.classifier, weights).items()}
+    inits = {name: arms_table(splits, cfg, seed_list) for name, cfg in init_configs(params.classifier, weights).items()}
     return {"backbone": params.classifier.backbone, "k_shot": params.data.k_shot, "seeds": seed_list,
             "n_train_real": len(splits.train), "n_train_synthetic": len(splits.synthetic or []),
             "n_test": len(splits.test), "test_set_sha256": splits.test_hash,

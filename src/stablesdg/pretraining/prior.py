@@ -11,7 +11,6 @@ device, steps, wall time and the sha256 of every file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -19,166 +18,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
-from scipy import ndimage
+from PIL import Image
 from tqdm import tqdm
 
-from .corpus import CorpusError, FolderCorpus
-from .data import IMAGE_EXTENSIONS
-from .diffusion import EMBEDDED_PRIOR, TinyConfig, build_tiny_pipeline
-from .utils import derive_seed, pick_device, sha256_file, write_json
-from .viz import image_grid
-
-CORPUS_VERSION = "textures-v1"
-
-
-# --------------------------------------------------------------------------------------- corpus
-def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-    field = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), sigma)
-    return field / (field.std() + 1e-9)
-
-
-def _mask(size: int, draw: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
-    img = Image.new("L", (size, size), 0)
-    draw(ImageDraw.Draw(img))
-    return np.asarray(img, dtype=np.float64) / 255.0
-
-
-def _noise(rng, size):
-    return _smooth_noise(rng, size, rng.uniform(0.5, 6))
-
-
-def _grain(rng, size):
-    return ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), rng.uniform(0.3, 1.0)) * 1.5
-
-
-def _stripes(rng, size):
-    yy, xx = np.mgrid[0:size, 0:size]
-    a, freq = rng.uniform(0, np.pi), rng.uniform(0.05, 0.6)
-    phase = _smooth_noise(rng, size, 8) * rng.uniform(0, 2)
-    return np.sin((xx * np.cos(a) + yy * np.sin(a)) * freq + phase)
-
-
-def _lines(rng, size):
-    def draw(d):
-        base = rng.uniform(0, np.pi)
-        for _ in range(rng.integers(1, 12)):
-            a = base + rng.normal(0, rng.uniform(0.02, 1.0))
-            cx, cy = rng.uniform(0, size, 2)
-            half = rng.uniform(0.1, 0.9) * size
-            d.line([(cx - np.cos(a) * half, cy - np.sin(a) * half), (cx + np.cos(a) * half, cy + np.sin(a) * half)],
-                   fill=255, width=int(rng.integers(1, 4)))
-    return _mask(size, draw) * rng.choice([-2.5, 2.5])
-
-
-def _blobs(rng, size):
-    field = _smooth_noise(rng, size, rng.uniform(3, 14))
-    return ndimage.gaussian_filter((field > rng.uniform(-0.5, 1.2)).astype(float), rng.uniform(0.5, 3)) * 2 - 1
-
-
-def _dots(rng, size):
-    def draw(d):
-        centre, spread = rng.uniform(0, size, 2), rng.uniform(0.1, 0.8) * size
-        for _ in range(rng.integers(5, 200)):
-            x, y = rng.normal(centre, spread)
-            r = rng.uniform(0.5, 4)
-            d.ellipse([x - r, y - r, x + r, y + r], fill=255)
-    return _mask(size, draw) * rng.choice([-2.5, 2.5])
-
-
-def _flakes(rng, size):
-    def draw(d):
-        for _ in range(rng.integers(3, 40)):
-            x, y = rng.uniform(0, size, 2)
-            w, h, rot = rng.uniform(2, 20), rng.uniform(1, 10), rng.uniform(0, np.pi)
-            pts = []
-            for a in np.linspace(0, 2 * np.pi, 8)[:-1]:
-                px, py = w * np.cos(a) * rng.uniform(0.5, 1.2), h * np.sin(a) * rng.uniform(0.5, 1.2)
-                pts.append((x + px * np.cos(rot) - py * np.sin(rot), y + px * np.sin(rot) + py * np.cos(rot)))
-            d.polygon(pts, fill=255)
-    m = _mask(size, draw)
-    edge = m - ndimage.grey_erosion(m, size=3)
-    return -m * rng.uniform(0.5, 2) + edge * rng.uniform(0, 3)
-
-
-def _cracks(rng, size):
-    pts = rng.uniform(0, size, (int(rng.integers(5, 80)), 2))
-    yy, xx = np.mgrid[0:size, 0:size]
-    d = np.sort(np.hypot(xx[..., None] - pts[:, 0], yy[..., None] - pts[:, 1]), axis=-1)
-    return -np.exp(-((d[..., 1] - d[..., 0]) ** 2) / rng.uniform(0.5, 4)) * 2.5
-
-
-def _streaks(rng, size):
-    field = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), (rng.uniform(0.3, 2), rng.uniform(4, 30)))
-    field /= field.std() + 1e-9
-    return np.rot90(field, int(rng.integers(0, 4)))
-
-
-def _rings(rng, size):
-    yy, xx = np.mgrid[0:size, 0:size]
-    cx, cy = rng.uniform(0, size, 2)
-    return np.sin(np.hypot(xx - cx, yy - cy) * rng.uniform(0.1, 0.8))
-
-
-def _grid(rng, size):
-    yy, xx = np.mgrid[0:size, 0:size]
-    period = rng.uniform(4, 24)
-    return ((np.mod(xx, period) < 1.5) | (np.mod(yy, period) < 1.5)).astype(float) * rng.choice([-2, 2])
-
-
-def _shading(rng, size):
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    a = rng.uniform(0, 2 * np.pi)
-    return (xx * np.cos(a) + yy * np.sin(a)) * 3 - 1.5
-
-
-FAMILIES: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
-    "noise": _noise, "grain": _grain, "stripes": _stripes, "lines": _lines, "blobs": _blobs, "dots": _dots,
-    "flakes": _flakes, "cracks": _cracks, "streaks": _streaks, "rings": _rings, "grid": _grid,
-    "shading": _shading,
-}
-
-
-def corpus_sample(index: int, seed: int, size: int) -> tuple[Image.Image, str]:
-    """One corpus image and its caption: one or two texture families over a textured base, random look."""
-    rng = np.random.default_rng(derive_seed("prior-corpus", CORPUS_VERSION, seed, index))
-    names = list(FAMILIES)
-    picked = [names[i] for i in rng.choice(len(names), size=int(rng.integers(1, 3)), replace=False)]
-    canvas = _grain(rng, size) * rng.uniform(0.05, 0.4) + _shading(rng, size) * rng.uniform(0, 0.3)
-    for name in picked:
-        canvas = canvas + FAMILIES[name](rng, size) * rng.uniform(0.3, 1.0)
-    level, contrast = rng.uniform(60, 190), rng.uniform(10, 45)
-    pixels = np.clip(level + canvas * contrast, 0, 255).astype(np.uint8)
-    caption = f"a photo of {' and '.join(picked)} texture"
-    return Image.fromarray(pixels, mode="L"), caption
-
-
-# --------------------------------------------------------------------------------------- corpora
-class ProceduralCorpus:
-    """The built-in endless texture corpus: the offline fallback when no image folder is given."""
-
-    name = "procedural"
-
-    def __init__(self, seed: int, size: int) -> None:
-        self.seed, self.size, self.drawn = seed, size, 0
-
-    def manifest_sha256(self) -> str:
-        return hashlib.sha256(f"{CORPUS_VERSION}:{self.seed}".encode()).hexdigest()
-
-    def views(self, rng: np.random.Generator, count: int, crop: int) -> tuple[np.ndarray, list[str]]:
-        """`count` new images (never repeated), `crop` px random crops of `size` px textures."""
-        images, captions = [], []
-        for _ in range(count):
-            img, cap = corpus_sample(self.drawn, self.seed, self.size)
-            self.drawn += 1
-            x, y = rng.integers(0, self.size - crop + 1, 2)
-            images.append(np.asarray(img, dtype=np.uint8)[y:y + crop, x:x + crop])
-            captions.append(cap)
-        return np.stack(images), captions
+from ..diffusion import TinyConfig, build_tiny_pipeline
+from ..metrics import psnr, ssim
+from ..utils import derive_seed, sha256_file, write_json
+from .corpus import FolderCorpus, ProceduralCorpus
 
 
 # --------------------------------------------------------------------------------------- training
@@ -456,21 +305,6 @@ def verify_prior(folder: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- evaluation
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM with an 11x11 Gaussian window (sigma 1.5), as in Wang et al. 2004, on 8-bit grey images."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    blur = lambda x: ndimage.gaussian_filter(x, 1.5, truncate=3.5)  # noqa: E731
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
-    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
-    den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
-    return float(np.mean(num / den))
 
 
 @torch.no_grad()
@@ -493,89 +327,3 @@ def vae_reconstruction(vae, paths: list[Path], resolution: int
     return means, pairs, list(zip(scores_p, scores_s, strict=True))
 
 
-@click.group("prior")
-def prior_group() -> None:
-    """The embedded pretrained diffusion prior (model.base: embedded)."""
-
-
-@prior_group.command("pretrain")
-@click.option("--corpus", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="folder of pretraining images, searched recursively; the first sub-folder is the caption "
-                   "topic (default: the built-in procedural textures)")
-@click.option("--out", default=str(EMBEDDED_PRIOR), show_default=True, type=click.Path(path_type=Path))
-@click.option("--vae-steps", default=PriorRecipe.vae_steps, show_default=True)
-@click.option("--unet-steps", default=PriorRecipe.unet_steps, show_default=True)
-@click.option("--vae-seconds", default=0.0, show_default=True,
-              help="> 0: as many VAE steps as fit in this time (replaces --vae-steps; the count is recorded)")
-@click.option("--unet-seconds", default=0.0, show_default=True, help="> 0: the same for the U-Net")
-@click.option("--batch-size", default=PriorRecipe.batch_size, show_default=True)
-@click.option("--vae-batch-size", default=PriorRecipe.vae_batch_size, show_default=True)
-@click.option("--vae-crop", default=PriorRecipe.vae_crop, show_default=True)
-@click.option("--vae-lr", default=PriorRecipe.vae_lr, show_default=True)
-@click.option("--ssim-weight", default=PriorRecipe.ssim_weight, show_default=True)
-@click.option("--unet-lr", default=PriorRecipe.unet_lr, show_default=True)
-@click.option("--latent-views", default=PriorRecipe.latent_views, show_default=True,
-              help="augmented views of each corpus image in the U-Net's latent bank")
-@click.option("--ema-decay", default=PriorRecipe.ema_decay, show_default=True,
-              help="> 0: save an exponential moving average of the U-Net and text encoder")
-@click.option("--workers", default=PriorRecipe.workers, show_default=True, help="view-making processes")
-@click.option("--resolution", default=PriorRecipe.resolution, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-def pretrain_command(corpus: Path | None, out: Path, device: str, **recipe_fields) -> None:
-    """Pretrain the prior on an image corpus (CPU: about an hour; GPU: minutes)."""
-    recipe = PriorRecipe(**recipe_fields, device=pick_device(device))
-    try:
-        record = pretrain(recipe, out, corpus)
-    except CorpusError as err:  # the same one-line error as `stablesdg pretrain backbone|feature-net`
-        raise click.ClickException(str(err)) from None
-    click.echo(f"prior: {record['size_mb']} MB in {record['seconds']} s on {record['device_name']} -> {out}")
-
-
-@prior_group.command("verify")
-@click.option("--folder", default=str(EMBEDDED_PRIOR), show_default=True, type=click.Path(path_type=Path))
-def verify_command(folder: Path) -> None:
-    """Check every prior file against the sha256 in its recipe.json."""
-    bad = verify_prior(folder)
-    if bad:
-        raise click.ClickException(f"{folder}: sha256 mismatch for {', '.join(bad)}; re-run `stablesdg prior pretrain`")
-    click.echo(f"{folder}: all files match recipe.json")
-
-
-@prior_group.command("reconstruct")
-@click.option("--images", required=True, type=click.Path(exists=True, path_type=Path),
-              help="folder of real images the prior never saw (searched recursively; sub-folders are classes)")
-@click.option("--folder", default=str(EMBEDDED_PRIOR), show_default=True, type=click.Path(path_type=Path))
-@click.option("--limit", default=120, show_default=True, help="images in all, spread evenly over the folder")
-@click.option("--out", default="reports/prior", show_default=True, type=click.Path(path_type=Path))
-def reconstruct_command(images: Path, folder: Path, limit: int, out: Path) -> None:
-    """VAE reconstruction PSNR/SSIM on real images at the prior's resolution, per class, with a grid."""
-    from diffusers import AutoencoderKL
-
-    paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise click.ClickException(f"{images}: no images found")
-    by_class: dict[str, list[Path]] = {}
-    for p in paths:
-        by_class.setdefault(p.parent.name if p.parent != images else "all", []).append(p)
-    per_class = max(1, limit // len(by_class))  # spread evenly over the classes (sub-folders)
-    paths = [p for members in by_class.values() for p in members[::max(1, len(members) // per_class)][:per_class]]
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
-    resolution = json.loads((folder / "recipe.json").read_text())["recipe"]["resolution"]
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(paths):
-        groups.setdefault(p.parent.name if p.parent != images else "all", []).append(i)
-    metrics, pairs, per_image = vae_reconstruction(vae, paths, resolution)
-    per_class = {name: {"psnr": float(np.mean([per_image[i][0] for i in idx])),
-                        "ssim": float(np.mean([per_image[i][1] for i in idx])), "images": len(idx)}
-                 for name, idx in sorted(groups.items())}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "vae_reconstruction.json", {
-        **metrics, "resolution": resolution, "per_class": per_class, "source": str(images),
-        "prior": str(folder), "sha": hashlib.sha256(str(paths).encode()).hexdigest()[:12]})
-    shown = [idx[0] for idx in groups.values()][:8] or list(range(min(8, len(pairs))))
-    image_grid([[pairs[i][0] for i in shown], [pairs[i][1] for i in shown]], ["real", "vae"]).save(out / "vae_grid.png")
-    click.echo(f"VAE reconstruction on {metrics['images']} images at {resolution} px: PSNR {metrics['psnr']:.2f} dB, "
-               f"SSIM {metrics['ssim']:.3f} -> {out}")
-    for name, rec in per_class.items():
-        click.echo(f"  {name}: PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.3f} ({rec['images']} images)")
