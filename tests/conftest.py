@@ -103,3 +103,20 @@ def tiny_run_params(adapt_steps: int, checkpoint_every: int, generate: dict, **e
         "generate": generate,
         **extra,
     }
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    """A real shared registry for the session: PostgreSQL 15 + `mlflow server --app-name basic-auth`, with the
+    plant's accounts (tests/registry_services.py)."""
+    from registry_services import postgres, setup_plant, start_server, stop_server
+
+    root = tmp_path_factory.mktemp("registry")
+    with postgres() as pg_uri:
+        server = start_server(root, pg_uri)
+        try:
+            with pytest.MonkeyPatch.context() as m:
+                setup_plant(server, m)
+            yield server
+        finally:
+            stop_server(server)

@@ -226,10 +226,25 @@ def register_best(name: str, cfg: ClassifierConfig, results: Sequence[VariantRes
     mlflow_client.set_model_version_tag(name, mv.version, CARD_TAG, CARD_FILE)
     mlflow_client.update_model_version(name, mv.version, describe(
         str(mv.version), best, results, registration, tags, test.spec.class_names, run.info.experiment_id))
+    if alias == CHAMPION and not may_move_champion(mlflow_client, name, mv.version):
+        registration.alias, registration.reason = CHALLENGER, f"{reason}; awaiting the approver (`registry promote`)"
+        alias = CHALLENGER
     if alias == CHAMPION and champion is not None:
         mlflow_client.set_registered_model_alias(name, PREVIOUS, champion.version)
     mlflow_client.set_registered_model_alias(name, alias, mv.version)
     return registration
+
+
+def may_move_champion(mlflow_client: MlflowClient, name: str, version: str) -> bool:
+    """On a shared registry only the approver moves `champion` (registry_auth.py): an engineer's training run
+    asks by setting it, and a refusal (HTTP 403) leaves the version a challenger for the approver."""
+    try:
+        mlflow_client.set_registered_model_alias(name, CHAMPION, version)
+    except MlflowException as err:
+        if err.get_http_status_code() == 403 or err.error_code == "PERMISSION_DENIED":
+            return False
+        raise
+    return True
 
 
 # --------------------------------------------------------------------------------------- alias moves

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from . import __version__
+from . import __version__, pull
 from .classifier import GRAPH_OPTIMIZATION_LEVELS, Classifier, ModelIntegrityError, Prediction, RuntimeOptions
 from .contract import ModelContractError
 from .images import DEFAULT_MAX_PIXELS
@@ -79,6 +79,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="retry an empty or cut-short file until it is unchanged this long (default 30)")
     watch.add_argument("--batch-size", type=int, default=16)
     watch.add_argument("--once", action="store_true", help="process what is there now, then exit")
+
+    pull.add_parser(commands)
 
     serve = commands.add_parser("serve", help="HTTP classification service")
     _add_model_options(serve)
@@ -303,7 +305,8 @@ def printable(value: object) -> str:
                    for c in text)
 
 
-COMMANDS = {"classify": cmd_classify, "watch": cmd_watch, "serve": cmd_serve, "info": cmd_info}
+COMMANDS = {"classify": cmd_classify, "watch": cmd_watch, "serve": cmd_serve, "info": cmd_info,
+            "pull": pull.run}
 
 
 def main(argv: list[str] | None = None) -> int:

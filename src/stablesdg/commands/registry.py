@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
 from ..registry import client, list_versions, promote, rollback
+from ..registry_server import Account, auth_config, server_command, server_env, setup_accounts
 from ..stages.common import cli_errors, load_or_exit, params_option
+from ..tracking import tracking_uri
 
 
 def _name(params_path: str, name: str | None) -> str:
@@ -83,3 +87,46 @@ def rollback_command(reason: str, to_version: str | None, params_path: str, name
     name = _name(params_path, name)
     old, new = rollback(client(), name, reason, to_version)
     click.echo(f"{name}: champion v{old} -> v{new} (v{old} is previous-champion)")
+
+
+@registry_group.command("serve")
+@click.option("--backend-store-uri", required=True, help="postgresql://USER@HOST:PORT/mlflow (runs, registry).")
+@click.option("--auth-db-uri", required=True, help="postgresql://USER@HOST:PORT/mlflow_auth (users, permissions).")
+@click.option("--artifacts-destination", required=True, help="Folder or s3:// bucket the server proxies.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("basic_auth.ini"), show_default=True, help="Where to write basic-auth's ini.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@cli_errors
+def serve_command(backend_store_uri: str, auth_db_uri: str, artifacts_destination: str, config_path: Path,
+                  host: str, port: int, workers: int) -> None:
+    """Run the shared registry: `mlflow server --app-name basic-auth` on PostgreSQL with proxied artifacts.
+
+    Needs MLFLOW_FLASK_SERVER_SECRET_KEY and (first start) MLFLOW_AUTH_ADMIN_PASSWORD in the environment."""
+    config = auth_config(config_path, auth_db_uri)
+    env = server_env(config)
+    cmd = server_command(backend_store_uri, artifacts_destination, host, port, workers)
+    click.echo(f"registry: {' '.join(cmd)} (auth config {config})")
+    os.execvpe(cmd[0], cmd, env)
+
+
+@registry_group.command("accounts")
+@click.option("--experiment", default=None, help="Experiment engineers log to (default: tracking.experiment).")
+@click.option("--user", "users", multiple=True, required=True, metavar="ROLE:NAME",
+              help="engineer:NAME, approver:NAME or line:NAME; the password is read from $STABLESDG_PASSWORD_NAME.")
+@_registry_command
+def accounts_command(experiment: str | None, users: tuple[str, ...], params_path: str, name: str | None) -> None:
+    """As the admin (MLFLOW_TRACKING_USERNAME/PASSWORD): create the model, the users, and grant the roles."""
+    params = load_or_exit(params_path)
+    name = name or params.tracking.registered_model
+    accounts = []
+    for spec in users:
+        role, _, username = spec.partition(":")
+        variable = f"STABLESDG_PASSWORD_{username.upper().replace('-', '_')}"
+        if not os.environ.get(variable):
+            raise click.UsageError(f"--user {spec}: set ${variable} to the account's password")
+        accounts.append(Account(username, role, os.environ[variable]))
+    roles = setup_accounts(tracking_uri(), name, experiment or params.tracking.experiment, accounts)
+    for username, role in roles.items():
+        click.echo(f"{username}: {role}")
