@@ -40,11 +40,15 @@ def recognition_rows(folder: Path, label: str) -> list[str]:
         f1 = [score[(arm, s)] for s in seeds]
         base = "eq360"
         gains = [score[(arm, s)] - score[(base, s)] for s in seeds if (base, s) in score and arm != base]
-        gain = "baseline" if arm == base else (
-            f"{np.mean(gains) * 100:+.1f} ± {np.std(gains, ddof=1) * 100:.1f} pt "
-            f"({np.mean(gains) / (np.std(gains, ddof=1) / np.sqrt(len(gains))):+.1f} σ of the mean, n={len(gains)})"
-            if len(gains) > 1 else "—")
-        out.append(f"| {label} | {arm} | {len(seeds)} | {np.mean(f1):.3f} ± {np.std(f1, ddof=1):.3f} | {gain} |")
+        if arm == base:
+            gain = "baseline"
+        elif len(gains) > 1:  # σ = the gains' standard deviation over seeds (the convention of reports/neu)
+            gain = (f"{np.mean(gains) * 100:+.1f} ± {np.std(gains, ddof=1) * 100:.1f} pt "
+                    f"({np.mean(gains) / np.std(gains, ddof=1):+.1f} σ, n={len(gains)})")
+        else:
+            gain = f"{np.mean(gains) * 100:+.1f} pt (n=1)"
+        spread = f" ± {np.std(f1, ddof=1):.3f}" if len(f1) > 1 else ""
+        out.append(f"| {label} | {arm} | {len(seeds)} | {np.mean(f1):.3f}{spread} | {gain} |")
     return out
 
 
