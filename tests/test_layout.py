@@ -24,8 +24,9 @@ MAX_FUNCTION_LINES = 60
 # Over the limits today, each to be split (the list may only shrink; a new entry fails the test).
 LONG_MODULES: set[str] = {"stablesdg.adaptation"}  # 478 lines; issue 23 is changing it at the moment
 LONG_FUNCTIONS: set[str] = set()
-# The two library modules that wrap MLflow for the stages and commands (runs, the registry): no click either.
-MLFLOW_HOMES = ("tracking", "registry")
+# The library modules that wrap MLflow for the stages and commands (runs, the registry, the shared registry
+# server it starts and the champion guard its basic-auth app loads): no click either.
+MLFLOW_HOMES = ("tracking", "registry", "registry_auth", "registry_server")
 CODE_DEPS_MARK = "# the code it runs: every module `stablesdg.stages."
 STAGE_MODULES = {"demo": "demo", "ingest": "ingest", "check-base": "check_base", "adapt": "adapt", "features": "features", "search": "search",
                  "generate": "generate", "evaluate": "evaluate", "train": "train", "export": "export"}
