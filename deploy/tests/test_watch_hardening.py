@@ -100,13 +100,23 @@ def test_slow_writer_pausing_mid_file_is_not_rejected(rgb_model, dirs):
 
 
 def test_cut_short_file_is_rejected_once_the_grace_is_over(rgb_model, dirs):
+    """The grace runs on this watcher's own clock from when it first saw the file (issue 24: readiness must
+    not depend on the camera's clock), so a backdated mtime does not shorten it and a running watcher rejects
+    the file once the grace is over."""
     drop, rejected, results = dirs
     (drop / "cut.png").write_bytes(noisy_bytes("PNG")[:3000])
-    assert watch_once(rgb_model, drop, rejected, results, grace="30") == 0
-    assert not results.read_text() and (drop / "cut.png").exists()  # deferred: the writer may come back
     old = time.time() - 60
     os.utime(drop / "cut.png", (old, old))
     assert watch_once(rgb_model, drop, rejected, results, grace="30") == 0
+    assert not results.read_text() and (drop / "cut.png").exists()  # deferred: the writer may come back
+    config = WatchConfig(drop, results, rejected, poll_interval=0.05, settle_seconds=0.05,
+                         incomplete_grace_seconds=1.0)
+    with DropFolderWatcher(Classifier(rgb_model), config) as watcher:
+        first = watcher.run_once()
+        time.sleep(1.1)
+        second = watcher.run_once()
+        assert first.rejected == 0, "within the grace on this watcher's clock"
+        assert second.rejected == 1
     assert "cannot decode image data" in rows_by_name(results)["cut.png"][0]["error"]
     assert (rejected / "cut.png").exists()
 

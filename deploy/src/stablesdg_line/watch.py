@@ -270,10 +270,14 @@ class DropFolderWatcher:
                 log.exception("could not complete the reject of %s", row["name"])
 
     def run_once(self, stop: threading.Event | None = None) -> PassSummary:
-        """Process what is in the folder now: two scans `settle_seconds` apart, then handle stable files."""
-        self.poll(stop)
+        """Process what is in the folder now: two scans `settle_seconds` apart, then handle stable files. The
+        summary counts the work of both scans (a file ready at the first, e.g. past its grace, counts too)."""
+        first = self.poll(stop)
         time.sleep(self.config.settle_seconds)
-        return self.poll(stop)
+        second = self.poll(stop)
+        return PassSummary(classified=first.classified + second.classified,
+                           rejected=first.rejected + second.rejected,
+                           pending=second.pending, deferred=second.deferred)
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         """Poll until `stop` is set; an error in one pass is logged and the loop continues."""
