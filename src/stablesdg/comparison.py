@@ -4,7 +4,6 @@ The model, data loading and training loop it runs live in `classifier.py`."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from .classifier import (
 from .config import ClassifierConfig, Params
 from .data import DataError, class_names_in
 from .preprocess import PreprocessSpec
+from .utils import read_json
 
 VARIANTS = ("real_only", "real_plus_synthetic")
 
@@ -145,7 +145,7 @@ def source_names(synthetic: ImageSet) -> list[str]:
     for path in synthetic.paths:
         folder = Path(path).parent
         if folder not in manifests:
-            records = json.loads((folder / "manifest.json").read_text())["images"]
+            records = read_json(folder / "manifest.json")["images"]
             manifests[folder] = {r["file"]: r["source"] for r in records}
         out.append(manifests[folder][Path(path).name])
     return out
