@@ -1,5 +1,7 @@
-"""Issue 22's lever table from the committed reports: generation (FID / detail_ratio per class) and recognition
-(macro-F1 gain at equal steps, paired by seed), written to reports/neu/k10/levers/README.md.
+"""Issue 22's lever table from the committed reports: generation (FID / detail_ratio per class), the per-lever
+renders on the hardest classes (samplers, steps, strength, adaptation capacity), recognition (macro-F1 gain at
+equal steps, paired by seed) and the real-data reference (k = 30 real images at the same steps), written to
+reports/neu/k10/levers/README.md.
 
     python experiments/levers_summary.py
 """
@@ -31,16 +33,40 @@ def generation_rows() -> list[str]:
     return lines
 
 
-def recognition_rows(folder: Path, label: str) -> list[str]:
+def lever_rows() -> list[str]:
+    """Every lever rendered on the same sources and seeds, scored against the held-out real images (val + pool:
+    the search's reference) - generation_levers.json, and capacity/<name>.json for re-adapted generators."""
+    results = json.loads((OUT / "generation_levers.json").read_text())["results"]
+    for path in sorted((OUT / "capacity").glob("*.json")):
+        for key, value in json.loads(path.read_text())["results"].items():
+            cls, lever = key.split("|")
+            results[f"{cls}|adapt {path.stem}, {lever}"] = value
+    classes = sorted({k.split("|")[0] for k in results})
+    levers = list(dict.fromkeys(k.split("|")[1] for k, v in results.items() if "/200" in k and "novelty" in v))
+    lines = ["| lever (sampler:steps@strength/render px) | " + " | ".join(classes) + " |",
+             "|---|" + "---:|" * len(classes)]
+    for lever in levers:
+        cells = [results.get(f"{c}|{lever}") for c in classes]
+        lines.append(f"| {lever} | " + " | ".join(
+            "—" if r is None else f"{r['fid_surface']:.1f} / {r['detail_ratio']:.2f} / {r.get('novelty', float('nan')):.2f}"
+            for r in cells) + " |")
+    return lines
+
+
+def recognition_rows(folder: Path, label: str, baseline: Path | None = None) -> list[str]:
+    """One row per arm; `baseline`: another folder whose eq360 rows the gains pair with (k = 30 against k = 10)."""
     rows = json.loads((folder / "mixing.json").read_text())["rows"]
     score = {(r["arm"], r["seed"]): r["macro_f1"] for r in rows}
+    base_score = score if baseline is None else \
+        {(r["arm"], r["seed"]): r["macro_f1"] for r in json.loads((baseline / "mixing.json").read_text())["rows"]}
     out = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
         seeds = sorted(s for a, s in score if a == arm)
         f1 = [score[(arm, s)] for s in seeds]
         base = "eq360"
-        gains = [score[(arm, s)] - score[(base, s)] for s in seeds if (base, s) in score and arm != base]
-        if arm == base:
+        gains = [score[(arm, s)] - base_score[(base, s)] for s in seeds
+                 if (base, s) in base_score and (arm != base or baseline is not None)]
+        if arm == base and baseline is None:
             gain = "baseline"
         elif len(gains) > 1:  # σ = the gains' standard deviation over seeds (the convention of reports/neu)
             gain = (f"{np.mean(gains) * 100:+.1f} ± {np.std(gains, ddof=1) * 100:.1f} pt "
@@ -55,12 +81,17 @@ def recognition_rows(folder: Path, label: str) -> list[str]:
 def main() -> None:
     lines = ["# Issue 22 levers on NEU-CLS k = 10", "",
              "## Generation (FID_surface / detail_ratio; 1 = as much fine detail as real)", "", *generation_rows(),
+             "", "## Levers on the hardest classes (24 images each; FID_surface / detail_ratio / novelty, "
+             "against the held-out real images; novelty 1 = as far from the k train images as a held-out real "
+             "image)", "", *lever_rows(),
              "", "## Recognition at equal optimizer steps (360 images an epoch, 12 epochs; 600 real test images)", "",
              "| backbone | arm | seeds | macro-F1 | gain over real only (eq360), paired by seed |",
              "|---|---|---:|---:|---:|"]
     for sub, label in (("resnet18", "resnet18, from scratch"), ("effnet", "efficientnet_lite0, ImageNet")):
         if (OUT / sub / "mixing.json").exists():
             lines += recognition_rows(OUT / sub, label)
+        if (OUT / f"{sub}_k30" / "mixing.json").exists():  # the same test images, 20 more REAL train images a class
+            lines += recognition_rows(OUT / f"{sub}_k30", f"{label}, k = 30 real (reference)", OUT / sub)
     (OUT / "README.md").write_text("\n".join(lines) + "\n")
     print((OUT / "README.md").read_text())
 
