@@ -21,6 +21,7 @@ from .classifier import GRAPH_OPTIMIZATION_LEVELS, Classifier, ModelIntegrityErr
 from .contract import ModelContractError
 from .images import DEFAULT_MAX_PIXELS
 from .reload import DEFAULT_FOLLOW_INTERVAL_S, ModelSlot, Reloader
+from .review import ReviewConfigError, add_review_options, review_from_args
 from .watch import IMAGE_EXTENSIONS, DropFolderWatcher, WatchConfig, WatchError
 
 # Defaults of the serve extra, repeated here so `--help` works without FastAPI installed.
@@ -76,6 +77,7 @@ def _build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     classify.add_argument("--output", type=Path, help="write here instead of stdout")
     classify.add_argument("--batch-size", type=int, default=16)
+    add_review_options(classify)
 
     watch = commands.add_parser("watch", help="classify each new file dropped into a folder, exactly once")
     _add_model_options(watch)
@@ -90,12 +92,14 @@ def _build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--batch-size", type=int, default=16)
     watch.add_argument("--once", action="store_true", help="process what is there now, then exit")
     _add_reload_options(watch)
+    add_review_options(watch)
 
     pull.add_parser(commands)
 
     serve = commands.add_parser("serve", help="HTTP classification service")
     _add_model_options(serve)
     _add_reload_options(serve)
+    add_review_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token-file", type=Path, metavar="FILE",
@@ -193,9 +197,12 @@ def write_predictions(predictions: Iterable[Prediction], handle: IO[str], fmt: s
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    review = review_from_args(args)
     classifier = _load_classifier(args)
     paths = expand_paths(args.paths, args.recursive)
     predictions = classifier.classify_files(paths, batch_size=args.batch_size)
+    if review is not None:
+        predictions = review.tap(predictions, classifier.sha256)
     with _open_output(args.output) as handle:
         failed = write_predictions(predictions, handle, args.format)
     return EXIT_SOME_FILES_FAILED if failed else 0
@@ -207,7 +214,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                          poll_interval=args.poll_interval, settle_seconds=args.settle_seconds,
                          batch_size=args.batch_size, incomplete_grace_seconds=args.incomplete_grace_seconds)
     stop = threading.Event()
-    with DropFolderWatcher(_load_classifier(args), config) as watcher, _stop_on_signals(stop), \
+    review = review_from_args(args)
+    with DropFolderWatcher(_load_classifier(args), config, review) as watcher, _stop_on_signals(stop), \
             _reloading(args, lambda: watcher.classifier, _installer(watcher)):
         if args.once:
             log.info("%s", watcher.run_once(stop))
@@ -255,7 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          queue_timeout_s=args.queue_timeout, max_batch=args.max_batch,
                          batch_wait_s=args.batch_wait_ms / 1000.0)
     slot = ModelSlot(_load_classifier(args))
-    app = create_app(slot, config)
+    app = create_app(slot, config, review_from_args(args))
     with _reloading(args, slot.get, slot.swap):
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False,
                     limit_concurrency=args.limit_concurrency, timeout_keep_alive=args.keep_alive_timeout)
@@ -353,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ModelIntegrityError, ModelContractError, WatchError, TokenError, OSError) as err:
+    except (ModelIntegrityError, ModelContractError, WatchError, TokenError, ReviewConfigError,
+            OSError) as err:
         print(f"stablesdg-line: error: {err}", file=sys.stderr)
         return EXIT_MODEL_REFUSED
     except KeyboardInterrupt:

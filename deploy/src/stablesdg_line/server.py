@@ -26,6 +26,7 @@ from .batching import DEFAULT_MAX_BATCH
 from .classifier import Classifier
 from .images import ImageRejected, probe
 from .reload import ModelSlot
+from .review import ReviewFolder
 
 PUBLIC_PATHS = frozenset({"/health"})  # probes (Docker HEALTHCHECK, load balancers) need no token
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -203,7 +204,8 @@ def _request_pixels(files: list[UploadFile], max_pixels: int) -> int:
     return total
 
 
-def create_app(model: Classifier | ModelSlot, config: ServeConfig | None = None) -> FastAPI:
+def create_app(model: Classifier | ModelSlot, config: ServeConfig | None = None,
+               review: ReviewFolder | None = None) -> FastAPI:
     """A ModelSlot lets the model be swapped while serving (reload.py); each request uses one model."""
     config = config or ServeConfig()
     slot = model if isinstance(model, ModelSlot) else ModelSlot(model)
@@ -251,6 +253,8 @@ def create_app(model: Classifier | ModelSlot, config: ServeConfig | None = None)
         finally:
             if pixels > TRIM_AFTER_PIXELS:
                 release_memory()
+        if review is not None:  # after the slot is released: copying files is not inference work
+            review.keep_all(predictions, [upload.file for upload in files], classifier.sha256)
         rows = [p.to_row() for p in predictions]
         failed = sum(not p.ok for p in predictions)
         # 422 when any upload is not a decodable image; the body still carries every file's result.
