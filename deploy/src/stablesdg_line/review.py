@@ -11,6 +11,7 @@ first when the folder is over its cap (files or bytes). The same image twice (co
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
+
+from PIL import Image
 
 from .classifier import Prediction
 
@@ -107,8 +110,7 @@ class ReviewFolder:
         if len(data) > self.policy.max_bytes:
             return None
         sha = hashlib.sha256(data).hexdigest()
-        suffix = Path(prediction.file).suffix.lower()
-        suffix = suffix if suffix in KNOWN_SUFFIXES else ".img"
+        suffix = _suffix(data, prediction.file)
         with self._lock:
             entries = self._entries()
             if any(stem.endswith(sha[:16]) for stem in entries):
@@ -153,6 +155,20 @@ class ReviewFolder:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
+
+
+def _suffix(data: bytes, name: str) -> str:
+    """The upload's own suffix, else the one its content says (an upload may have no name): ingest and
+    review-import read images by suffix."""
+    suffix = Path(name).suffix.lower()
+    if suffix in KNOWN_SUFFIXES:
+        return suffix
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # header only
+            found = f".{(image.format or '').lower()}"
+    except Exception:  # noqa: BLE001 - it was decoded once already; any doubt keeps the neutral name
+        return ".img"
+    return {".jpeg": ".jpg", ".tiff": ".tif"}.get(found, found if found in KNOWN_SUFFIXES else ".img")
 
 
 def _size(path: Path) -> int:
