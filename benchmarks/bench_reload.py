@@ -114,12 +114,12 @@ def bench_swap(clients: int, reloads: int, tmp: Path) -> dict:
         process.terminate()
         process.wait(timeout=30)
     text = log.read_text()
-    timings = [(float(a), float(b)) for a, b in re.findall(r"load and checks ([\d.]+) s, swap ([\d.]+) s", text)]
+    timings = [(float(a), float(b)) for a, b in re.findall(r"load and checks ([\d.]+) s, install ([\d.]+) s", text)]
     answers = [a for per in results for a in per]
     latencies = np.array([t for _, t in answers]) * 1000
     return {"clients": clients, "reloads_asked": reloads, "reloads_done": len(timings),
             "requests": len(answers), "failed": sum(status != 200 for status, _ in answers),
-            "load_and_check_s": [round(a, 4) for a, _ in timings], "swap_s": [b for _, b in timings],
+            "load_and_check_s": [round(a, 4) for a, _ in timings], "install_s": [b for _, b in timings],
             "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 1),
                            "p99": round(float(np.percentile(latencies, 99)), 1),
                            "max": round(float(latencies.max()), 1)}}
@@ -154,7 +154,7 @@ def main(clients: int, reloads: int, out: str) -> None:
     print(f"{'swap under load':<28} {swap['clients']} clients, {swap['requests']} requests, "
           f"{swap['failed']} failed, {swap['reloads_done']}/{swap['reloads_asked']} reloads")
     print(f"{'  load + checks (s)':<28} {swap['load_and_check_s']}")
-    print(f"{'  swap (s)':<28} {swap['swap_s']}")
+    print(f"{'  install (s)':<28} {swap['install_s']}")
     print(f"{'  latency ms p50/p99/max':<28} {swap['latency_ms']['p50']} / {swap['latency_ms']['p99']} / "
           f"{swap['latency_ms']['max']}")
     print(f"{'review cap':<28} {review['images_in_folder']} images + {review['sidecars_in_folder']} sidecars "

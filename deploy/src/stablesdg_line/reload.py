@@ -113,7 +113,9 @@ class ReloadOutcome:
     old_version: str
     new_version: str | None = None
     load_s: float = 0.0  # reading, checking and warming up the new model (the old one serves meanwhile)
-    swap_s: float = 0.0  # the reference swap itself
+    # install: prepare the new model (serve: its batching thread), swap the reference, close the old one if
+    # idle. Requests never wait for it: each holds the model it started with.
+    swap_s: float = 0.0
 
 
 class Reloader:
@@ -200,7 +202,7 @@ class Reloader:
                                               f"{new.sha256[:12]}), was v{old.model_version} (sha256 "
                                               f"{old.sha256[:12]})", old.model_version, new.model_version,
                                         load_s, time.perf_counter() - swap_start)
-                log.info("%s; load and checks %.3f s, swap %.6f s", outcome.reason, load_s, outcome.swap_s)
+                log.info("%s; load and checks %.3f s, install %.6f s", outcome.reason, load_s, outcome.swap_s)
         self._seen = identity  # a refused file is not retried until it changes again (or SIGHUP)
         self.outcomes.append(outcome)
         return outcome
