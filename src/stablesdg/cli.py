@@ -36,6 +36,7 @@ class LazyGroup(click.Group):
 DATA_COMMANDS = {
     "demo": "stablesdg.stages.demo:demo_command",
     "ingest": "stablesdg.stages.ingest:ingest_command",
+    "review-import": "stablesdg.commands.review:review_import_command",
 }
 LAZY_COMMANDS = {
     # dvc.yaml stages
@@ -74,7 +75,8 @@ def main() -> None:
 
 @main.group(cls=LazyGroup, lazy=DATA_COMMANDS)
 def data() -> None:
-    """Dataset stages: the embedded demo set (`demo`) and the ingest of any supported layout (`ingest`)."""
+    """Dataset stages: the embedded demo set (`demo`) and the ingest of any supported layout (`ingest`);
+    `review-import` adds the images a line was unsure of, once labelled, to the source folder."""
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .classifier import (
     train_classifier,
 )
 from .config import ClassifierConfig, Params
-from .data import DataError, class_names_in
+from .data import LINE_SPLIT, DataError, class_names_in
 from .preprocess import PreprocessSpec
 from .utils import read_json
 
@@ -57,6 +57,8 @@ def load_splits(processed_dir: Path, synthetic_dir: Path, params: Params) -> Spl
         raise DataError(f"{processed_dir}: fewer than two classes; run `stablesdg data ingest` first")
     spec = make_spec(class_names, cfg)
     parts = {s: real_split(processed_dir, class_names, s) for s in ("train", "val", "test")}
+    line_paths, line_labels = real_split(processed_dir, class_names, LINE_SPLIT)  # imported line images
+    parts["train"] = (parts["train"][0] + line_paths, parts["train"][1] + line_labels)
     if not parts["test"][0] or not parts["val"][0]:
         raise DataError(f"{processed_dir}: the val and test splits must not be empty")
     sets = {s: load_images(p, y, spec, desc=s) for s, (p, y) in parts.items()}

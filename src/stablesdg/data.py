@@ -44,6 +44,11 @@ NEU_CLS_PREFIXES = {
 }
 MANIFEST_FIELDS = ["path", "class", "split", "sha256", "source_file", "width", "height"]
 SPLITS = ("train", "val", "test")
+# Images a person labelled from the line's review folder (review_import.py): classifier training only, kept
+# out of the seeded permutation so that importing them leaves every other image's split as it was.
+LINE_SPLIT = "line"
+ALL_SPLITS = (*SPLITS, "pool", LINE_SPLIT)
+REVIEW_MANIFEST = Path(".review-imports") / "manifest.csv"  # in the source folder; a dot folder is no class
 
 
 class DataError(StableSDGError, ValueError):
@@ -246,7 +251,11 @@ def ingest(source: Path, out_dir: Path, cfg: DataConfig, classes: list[str], see
                 f"{len(rejected)} file(s) quarantined - see the quarantine report. Add images or remove the "
                 "class from `classes` in params.yaml."
             )
-        assign_splits(records, cfg, seed)
+        line_only = train_only_paths(source)
+        assign_splits([r for r in records if r.source_file not in line_only], cfg, seed)
+        for record in records:
+            if record.source_file in line_only:
+                record.split = LINE_SPLIT
         _write_outputs(staging, records, classes)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
@@ -337,6 +346,16 @@ def _normalise_one(
     return Record(name, cand.label, digest, rel, width, height)
 
 
+def train_only_paths(source: Path) -> set[str]:
+    """Source-relative paths of imported line images not allowed into the test split (their manifest's
+    policy is not `any`)."""
+    manifest = source / REVIEW_MANIFEST
+    if not manifest.is_file():
+        return set()
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        return {row["path"] for row in csv.DictReader(handle) if row.get("policy") != "any"}
+
+
 def _portable_stem(stem: str) -> str:
     """The source name for the output file, with bytes that are not UTF-8 (surrogate-escaped by Python) as
     '_': the manifest and every later stage can then write and read it as text."""
@@ -346,7 +365,7 @@ def _portable_stem(stem: str) -> str:
 
 def _split_counts(records: list[Record]) -> dict[str, int]:
     counts = Counter(r.split for r in records)
-    return {s: counts[s] for s in (*SPLITS, "pool") if counts[s]}
+    return {s: counts[s] for s in ALL_SPLITS if counts[s]}
 
 
 def split_sizes(n: int, cfg: DataConfig) -> tuple[int, int, int]:
@@ -383,7 +402,7 @@ def _write_outputs(out_dir: Path, records: list[Record], classes: list[str]) -> 
             writer.writerow([r.path, r.cls, r.split, r.sha256, r.source_file, r.width, r.height])
     (out_dir / "splits").mkdir(exist_ok=True)
     for cls in classes:
-        split = {s: [r.path for r in records if r.cls == cls and r.split == s] for s in (*SPLITS, "pool")}
+        split = {s: [r.path for r in records if r.cls == cls and r.split == s] for s in ALL_SPLITS}
         write_json(out_dir / "splits" / f"{cls}.json", split)
 
 

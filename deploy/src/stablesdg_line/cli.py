@@ -20,6 +20,8 @@ from . import __version__, pull
 from .classifier import GRAPH_OPTIMIZATION_LEVELS, Classifier, ModelIntegrityError, Prediction, RuntimeOptions
 from .contract import ModelContractError
 from .images import DEFAULT_MAX_PIXELS
+from .reload import DEFAULT_FOLLOW_INTERVAL_S, ModelSlot, Reloader
+from .review import ReviewConfigError, add_review_options, review_from_args
 from .watch import IMAGE_EXTENSIONS, DropFolderWatcher, WatchConfig, WatchError
 
 # Defaults of the serve extra, repeated here so `--help` works without FastAPI installed.
@@ -53,6 +55,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="onnxruntime CPU memory arena (default on)")
 
 
+def _add_reload_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--follow", action="store_true",
+                        help="reload the model when its file is replaced (e.g. by `pull`); SIGHUP always "
+                             "reloads. A model that fails the load checks is refused, the old one runs on")
+    parser.add_argument("--follow-interval", type=float, default=DEFAULT_FOLLOW_INTERVAL_S,
+                        help="seconds between checks of the model file "
+                             f"(default {DEFAULT_FOLLOW_INTERVAL_S:g})")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stablesdg-line", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -66,6 +77,7 @@ def _build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     classify.add_argument("--output", type=Path, help="write here instead of stdout")
     classify.add_argument("--batch-size", type=int, default=16)
+    add_review_options(classify)
 
     watch = commands.add_parser("watch", help="classify each new file dropped into a folder, exactly once")
     _add_model_options(watch)
@@ -79,11 +91,15 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="retry an empty or cut-short file until it is unchanged this long (default 30)")
     watch.add_argument("--batch-size", type=int, default=16)
     watch.add_argument("--once", action="store_true", help="process what is there now, then exit")
+    _add_reload_options(watch)
+    add_review_options(watch)
 
     pull.add_parser(commands)
 
     serve = commands.add_parser("serve", help="HTTP classification service")
     _add_model_options(serve)
+    _add_reload_options(serve)
+    add_review_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token-file", type=Path, metavar="FILE",
@@ -119,11 +135,26 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_classifier(args: argparse.Namespace) -> Classifier:
-    options = RuntimeOptions(expected_sha256=args.expected_sha256, threads=args.threads,
-                             warmup_runs=args.warmup_runs, max_pixels=args.max_pixels,
+def _load_classifier(args: argparse.Namespace, path: Path | None = None,
+                     pin: str | None = None) -> Classifier:
+    options = RuntimeOptions(expected_sha256=pin if path is not None else args.expected_sha256,
+                             threads=args.threads, warmup_runs=args.warmup_runs, max_pixels=args.max_pixels,
                              graph_optimization=args.graph_optimization, memory_arena=args.memory_arena)
-    return Classifier(args.model, options)
+    return Classifier(path or args.model, options)
+
+
+@contextmanager
+def _reloading(args: argparse.Namespace, current, install) -> Iterator[Reloader]:
+    """SIGHUP (and, with --follow, a replaced model file) reloads the model in a background thread."""
+    reloader = Reloader(args.model, lambda path, pin: _load_classifier(args, path, pin), install, current,
+                        pin=args.expected_sha256,
+                        follow_interval_s=args.follow_interval if args.follow else None)
+    previous = signal.signal(signal.SIGHUP, lambda _signum, _frame: reloader.request())
+    try:
+        with reloader:
+            yield reloader
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def expand_paths(paths: Iterable[Path], recursive: bool) -> Iterator[Path]:
@@ -166,9 +197,12 @@ def write_predictions(predictions: Iterable[Prediction], handle: IO[str], fmt: s
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    review = review_from_args(args)
     classifier = _load_classifier(args)
     paths = expand_paths(args.paths, args.recursive)
     predictions = classifier.classify_files(paths, batch_size=args.batch_size)
+    if review is not None:
+        predictions = review.tap(predictions, classifier.sha256)
     with _open_output(args.output) as handle:
         failed = write_predictions(predictions, handle, args.format)
     return EXIT_SOME_FILES_FAILED if failed else 0
@@ -180,12 +214,22 @@ def cmd_watch(args: argparse.Namespace) -> int:
                          poll_interval=args.poll_interval, settle_seconds=args.settle_seconds,
                          batch_size=args.batch_size, incomplete_grace_seconds=args.incomplete_grace_seconds)
     stop = threading.Event()
-    with DropFolderWatcher(_load_classifier(args), config) as watcher, _stop_on_signals(stop):
+    review = review_from_args(args)
+    with DropFolderWatcher(_load_classifier(args), config, review) as watcher, _stop_on_signals(stop), \
+            _reloading(args, lambda: watcher.classifier, _installer(watcher)):
         if args.once:
             log.info("%s", watcher.run_once(stop))
         else:
             watcher.run_forever(stop)
     return 0
+
+
+def _installer(watcher: DropFolderWatcher):
+    """A batch already running keeps the model it started with; the next batch takes the new one."""
+    def install(new: Classifier) -> Classifier:
+        old, watcher.classifier = watcher.classifier, new
+        return old
+    return install
 
 
 @contextmanager
@@ -218,9 +262,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_concurrent=args.max_concurrent, max_waiting=args.max_waiting,
                          queue_timeout_s=args.queue_timeout, max_batch=args.max_batch,
                          batch_wait_s=args.batch_wait_ms / 1000.0)
-    app = create_app(_load_classifier(args), config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False,
-                limit_concurrency=args.limit_concurrency, timeout_keep_alive=args.keep_alive_timeout)
+    slot = ModelSlot(_load_classifier(args))
+    app = create_app(slot, config, review_from_args(args))
+    with _reloading(args, slot.get, slot.swap):
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False,
+                    limit_concurrency=args.limit_concurrency, timeout_keep_alive=args.keep_alive_timeout)
     return 0
 
 
@@ -315,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ModelIntegrityError, ModelContractError, WatchError, TokenError, OSError) as err:
+    except (ModelIntegrityError, ModelContractError, WatchError, TokenError, ReviewConfigError,
+            OSError) as err:
         print(f"stablesdg-line: error: {err}", file=sys.stderr)
         return EXIT_MODEL_REFUSED
     except KeyboardInterrupt:

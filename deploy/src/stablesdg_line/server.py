@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse
 from .batching import DEFAULT_MAX_BATCH
 from .classifier import Classifier
 from .images import ImageRejected, probe
+from .reload import ModelSlot
+from .review import ReviewFolder
 
 PUBLIC_PATHS = frozenset({"/health"})  # probes (Docker HEALTHCHECK, load balancers) need no token
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -202,14 +204,19 @@ def _request_pixels(files: list[UploadFile], max_pixels: int) -> int:
     return total
 
 
-def create_app(classifier: Classifier, config: ServeConfig | None = None) -> FastAPI:
+def create_app(model: Classifier | ModelSlot, config: ServeConfig | None = None,
+               review: ReviewFolder | None = None) -> FastAPI:
+    """A ModelSlot lets the model be swapped while serving (reload.py); each request uses one model."""
     config = config or ServeConfig()
+    slot = model if isinstance(model, ModelSlot) else ModelSlot(model)
     limiter = WorkLimiter(config.max_concurrent, config.max_waiting, config.queue_timeout_s)
-    app = FastAPI(title="StableSDG line classifier", version=classifier.model_version,
+    app = FastAPI(title="StableSDG line classifier", version=slot.get().model_version,
                   docs_url=None, redoc_url=None, openapi_url=None)  # no schema browsing on a line PC
     app.state.limiter = limiter
+    app.state.slot = slot
     if config.max_batch > 1:
-        app.state.batcher = classifier.enable_batching(config.max_batch, config.batch_wait_s)
+        app.state.batcher = slot.prepare_each(
+            lambda classifier: classifier.enable_batching(config.max_batch, config.batch_wait_s))
 
     @app.get("/health")
     def health() -> dict:
@@ -217,13 +224,17 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
 
     @app.get("/model")
     def model() -> dict:
-        info = classifier.describe()
+        info = slot.get().describe()
         info.pop("path")  # the server's filesystem layout is nobody's business
         return info
 
     @app.post("/classify")
     def classify(files: Annotated[list[UploadFile], File()]) -> JSONResponse:
         # A sync endpoint runs in the threadpool; onnxruntime sessions are safe to share across threads.
+        with slot.lease() as classifier:  # the model this request started with, even across a reload
+            return _classify(classifier, files)
+
+    def _classify(classifier: Classifier, files: list[UploadFile]) -> JSONResponse:
         if len(files) > config.max_files:
             return _json(413, f"at most {config.max_files} files per request")
         names = [upload.filename or f"upload-{i}" for i, upload in enumerate(files)]
@@ -242,6 +253,8 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
         finally:
             if pixels > TRIM_AFTER_PIXELS:
                 release_memory()
+        if review is not None:  # after the slot is released: copying files is not inference work
+            review.keep_all(predictions, [upload.file for upload in files], classifier.sha256)
         rows = [p.to_row() for p in predictions]
         failed = sum(not p.ok for p in predictions)
         # 422 when any upload is not a decodable image; the body still carries every file's result.

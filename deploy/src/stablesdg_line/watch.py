@@ -27,6 +27,7 @@ from typing import IO
 
 from .classifier import Classifier, Prediction
 from .images import INCOMPLETE_REASONS, ImageRejected, file_kind, open_regular_file
+from .review import ReviewFolder
 
 try:  # POSIX only; the line runtime targets Linux (systemd / Docker)
     import fcntl
@@ -163,9 +164,10 @@ def _maybe_incomplete(reason: str | None) -> bool:
 class DropFolderWatcher:
     """Use as a context manager: it holds an exclusive lock on the results file while open."""
 
-    def __init__(self, classifier: Classifier, config: WatchConfig):
+    def __init__(self, classifier: Classifier, config: WatchConfig, review: ReviewFolder | None = None):
         self.classifier = classifier
         self.config = config
+        self.review = review  # copies of the files the model is unsure of (review.py)
         self._previous_scan: dict[str, FileKey] = {}
         # When this process first saw each version of a file (monotonic clock): readiness and the grace
         # period never compare the writer's mtime with our clock (a camera or share may be hours off).
@@ -370,6 +372,9 @@ class DropFolderWatcher:
             if prediction.ok:
                 self._record(item, prediction, None)
                 classified += 1
+                if self.review is not None:
+                    self.review.keep_all([prediction], [self.config.drop_dir / item.key.name],
+                                        self.classifier.sha256)
             else:
                 self._reject(item, prediction)
                 rejected += 1
