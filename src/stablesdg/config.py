@@ -207,7 +207,7 @@ class ClassifierConfig:
     # real image is swapped, with probability replace_probability, for one of the synthetic variants made from
     # it; equal steps by construction. two_stage: append for the first epochs, then real only (repeated to the
     # same epoch size) for the last finetune_fraction of the epochs.
-    synthetic_use: str = choice("append", "replace", "two_stage", default="append")
+    synthetic_use: str = choice("append", "replace", "two_stage", default="replace")
     replace_probability: float = bounded(0.5, 0.0, 1.0)
     finetune_fraction: float = bounded(0.25, 0.0, 1.0)
     # How long the real-only baseline trains. "equal": its real images repeated to the size of real + synthetic,
