@@ -7,13 +7,13 @@ from click.testing import CliRunner
 
 from stablesdg.cli import main
 from stablesdg.demo import TEXTURES
+from stablesdg.stages.demo import demo_command
 from stablesdg.utils import sha256_tree
 
 
 def run_demo(tmp_path, out: str, seed: int = 42) -> str:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": seed, "data": {"demo": {"per_class": 5, "size": 32}}}))
-    result = CliRunner().invoke(main, ["data", "demo", "--params", str(tmp_path / "params.yaml"),
-                                       "--out", str(tmp_path / out)])
+    result = CliRunner().invoke(demo_command, ["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / out)])
     assert result.exit_code == 0, result.output
     return result.output
 
