@@ -123,6 +123,39 @@ def test_loss_falls_on_a_fixed_batch(processed, tmp_path):
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
+def test_adapt_resolution_trains_at_its_own_scale(processed, tmp_path):
+    """adapt.resolution (null = model.resolution) sets the scale the LoRA sees; the conv U-Net trains at it."""
+    assert class_data(small_params(), processed, "crazing").pixels.shape[-2:] == (32, 32)
+    params = small_params(adapt={"resolution": 48, "embedding": {"steps": 2}, "lora": {"steps": 2}})
+    data = class_data(params, processed, "crazing")
+    assert data.pixels.shape[-2:] == (48, 48)
+    run = AdaptRun(params, data, tmp_path / "out", tmp_path / "ckpt")
+    run.run(load_base_pipeline(params.model))
+    assert len(run.losses) == 4 and all(np.isfinite(loss) for _, _, loss in run.losses)
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").stat().st_size > 0
+
+
+def test_full_unet_fine_tuning_trains_every_weight_and_loads_back(processed, tmp_path):
+    """adapt.lora.unet: full (DreamBooth-style): every U-Net weight moves, the text encoder keeps LoRA, and the
+    stock loaders bring the same model back."""
+    from diffusers import UNet2DConditionModel
+
+    params = small_params(adapt={"embedding": {"steps": 1},
+                                 "lora": {"steps": 3, "unet": "full", "unet_learning_rate": 1e-3}})
+    pipe = load_base_pipeline(params.model)
+    before = _snapshot(pipe.unet)
+    _, record = adapt_class(params, "crazing", processed, tmp_path / "adapters", checkpoint_root=tmp_path / "ck")
+    out = tmp_path / "adapters" / "crazing"
+    saved = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    moved = [n for n, p in saved.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) > 0.9 * len(before), f"only {len(moved)} of {len(before)} U-Net tensors moved"
+    assert not any("lora" in n for n, _ in saved.named_parameters())
+    assert record["unet"] == "full" and any(k.startswith("unet/") for k in record["sha256"])
+    loaded = load_adapted_pipeline(params.model, "crazing", out)
+    assert all(torch.equal(p, dict(saved.named_parameters())[n]) for n, p in loaded.unet.named_parameters())
+    assert any("lora_" in n for n, _ in loaded.text_encoder.named_parameters()), "the text encoder keeps LoRA"
+
+
 @pytest.fixture(scope="module")
 def adapted(processed, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapted")

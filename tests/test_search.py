@@ -39,8 +39,11 @@ def test_a_blurred_trial_cannot_win(tiny_world):
     blurred = {"strength": 0.5, "fid_surface": 5.0, "novelty": 0.9, "detail_ratio": 0.4}
     copy = {"strength": 0.1, "fid_surface": 1.0, "novelty": 0.1, "detail_ratio": 1.0}
     assert run.best([blurred, sharp, copy]) is sharp
-    # nothing eligible: the most detailed novel trial, never the copy
+    # nothing eligible: the novel trial with detail closest to real, never the copy, nor the prior's noise
     assert run.best([blurred, copy, {**sharp, "detail_ratio": 0.6}])["strength"] == 0.7
+    noise = {"strength": 1.0, "fid_surface": 144.0, "novelty": 4.5, "detail_ratio": 11.2}
+    assert run.best([blurred, noise, copy, {**sharp, "detail_ratio": 0.6}])["strength"] == 0.7
+    assert not run.eligible(noise) and run.eligible({**sharp, "detail_ratio": 1.2}), "the band is 0.8x-1.25x"
     off = SearchRun(params, "crazing", None, [], [], run.scorer)
     assert off.best([blurred, sharp, copy]) is blurred, "min_detail_ratio 0 leaves the FID choice"
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .config import AdaptConfig, AugmentConfig, LoraStageConfig, Params
 from .data import split_paths
-from .diffusion import EMBEDS_FILE, LORA_FILE, base_model_record, load_base_pipeline
+from .diffusion import EMBEDS_FILE, LORA_FILE, UNET_DIR, base_model_record, load_base_pipeline
 from .errors import AdaptationError
 from .preflight import base_model_fingerprint, initializer_message, initializer_problem
 from .utils import canonical_safetensors_header, derive_seed, pick_device, sha256_file, write_json
@@ -229,27 +229,30 @@ def embedding_steps(pipe, data: ClassData, cfg: AdaptConfig, seed: int, token_id
 
 
 # --------------------------------------------------------------------------------------- stage 2
-def inject_lora(pipe, rank: int, alpha: float, train_text_encoder: bool) -> None:
-    """LoRA layers on the attention projections, through peft's injection API.
+def inject_lora(pipe, cfg: LoraStageConfig) -> None:
+    """LoRA layers on the attention projections, through peft's injection API; with `unet: full` the U-Net
+    gets none and trains every weight instead.
 
     `CLIPTextModel.add_adapter` breaks with transformers 5.24 + peft 0.21, so both models use
     `inject_adapter_in_model` (diffusers' own `unet.add_adapter` does the same underneath).
     """
     from peft import LoraConfig, inject_adapter_in_model  # lazy: peft is slow to import
 
-    unet_cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS)
-    inject_adapter_in_model(unet_cfg, pipe.unet, adapter_name="default")
-    if train_text_encoder:
-        text_cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                              target_modules=TEXT_LORA_TARGETS)
-        inject_adapter_in_model(text_cfg, pipe.text_encoder, adapter_name="default")
-    for module in (pipe.unet, pipe.text_encoder):
-        for name, p in module.named_parameters():
-            p.requires_grad_("lora_" in name)
+    def lora(targets: list[str]) -> LoraConfig:
+        return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=targets)
+
+    if cfg.unet == "lora":
+        inject_adapter_in_model(lora(UNET_LORA_TARGETS), pipe.unet, adapter_name="default")
+    if cfg.train_text_encoder:
+        inject_adapter_in_model(lora(TEXT_LORA_TARGETS), pipe.text_encoder, adapter_name="default")
+    for name, p in pipe.unet.named_parameters():
+        p.requires_grad_(cfg.unet == "full" or "lora_" in name)
+    for name, p in pipe.text_encoder.named_parameters():
+        p.requires_grad_("lora_" in name)
 
 
 def lora_param_groups(pipe, cfg: LoraStageConfig) -> list[dict]:
-    unet = [p for n, p in pipe.unet.named_parameters() if "lora_" in n]
+    unet = [p for p in pipe.unet.parameters() if p.requires_grad]
     text = [p for n, p in pipe.text_encoder.named_parameters() if "lora_" in n]
     groups = [{"params": unet, "lr": cfg.unet_learning_rate}]
     if text:
@@ -265,18 +268,21 @@ def lora_steps(pipe, data: ClassData, cfg: AdaptConfig, seed: int, state: TrainS
 
 
 def lora_state_dicts(pipe) -> tuple[dict, dict]:
+    """The U-Net's and the text encoder's LoRA layers ({} for a model without any)."""
     # lazy: diffusers and peft are slow to import
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    unet = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    has_text = any("lora_" in n for n, _ in pipe.text_encoder.named_parameters())
-    text = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder)) if has_text else {}
-    return unet, text
+    def layers(model) -> dict:
+        has_lora = any("lora_" in n for n, _ in model.named_parameters())
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model)) if has_lora else {}
+
+    return layers(pipe.unet), layers(pipe.text_encoder)
 
 
 def save_adapter(pipe, data: ClassData, token_id: int, cfg: LoraStageConfig, out_dir: Path) -> dict[str, str]:
-    """Write learned_embeds.safetensors and pytorch_lora_weights.safetensors; returns their sha256."""
+    """Write learned_embeds.safetensors, pytorch_lora_weights.safetensors and, with `unet: full`, the U-Net
+    folder (what `UNet2DConditionModel.from_pretrained(out_dir, subfolder="unet")` reads); returns their sha256."""
     from diffusers import StableDiffusionPipeline  # lazy: diffusers is slow to import
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -285,12 +291,16 @@ def save_adapter(pipe, data: ClassData, token_id: int, cfg: LoraStageConfig, out
     unet_sd, text_sd = lora_state_dicts(pipe)
     meta = {"r": cfg.rank, "lora_alpha": cfg.alpha}
     StableDiffusionPipeline.save_lora_weights(
-        out_dir, unet_lora_layers=unet_sd, text_encoder_lora_layers=text_sd or None, weight_name=LORA_FILE,
-        unet_lora_adapter_metadata={**meta, "target_modules": UNET_LORA_TARGETS},
+        out_dir, unet_lora_layers=unet_sd or None, text_encoder_lora_layers=text_sd or None, weight_name=LORA_FILE,
+        unet_lora_adapter_metadata={**meta, "target_modules": UNET_LORA_TARGETS} if unet_sd else None,
         text_encoder_lora_adapter_metadata={**meta, "target_modules": TEXT_LORA_TARGETS} if text_sd else None,
     )
     canonical_safetensors_header(out_dir / LORA_FILE)
-    return {EMBEDS_FILE: sha256_file(out_dir / EMBEDS_FILE), LORA_FILE: sha256_file(out_dir / LORA_FILE)}
+    written = [EMBEDS_FILE, LORA_FILE]
+    if cfg.unet == "full":
+        pipe.unet.save_pretrained(out_dir / UNET_DIR, safe_serialization=True)
+        written += [f"{UNET_DIR}/{f.name}" for f in sorted((out_dir / UNET_DIR).iterdir())]
+    return {name: sha256_file(out_dir / name) for name in written}
 
 
 # --------------------------------------------------------------------------------------- checkpoints
@@ -390,7 +400,7 @@ class AdaptRun:
         cfg = self.params.adapt.lora
         # LoRA's random init must not depend on what ran before it (a resumed run skips stage 1).
         torch.manual_seed(derive_seed(self.params.seed, self.data.name, "lora-init"))
-        inject_lora(pipe, cfg.rank, cfg.alpha, cfg.train_text_encoder)
+        inject_lora(pipe, cfg)
         pipe.text_encoder.get_input_embeddings().weight.requires_grad_(False)
         return torch.optim.AdamW(lora_param_groups(pipe, cfg), weight_decay=1e-2)
 
@@ -435,6 +445,7 @@ class AdaptRun:
             "embedding_steps": self.steps_for("embedding") if "embedding" in self.stages else 0,
             "lora_steps": self.steps_for("lora") if "lora" in self.stages else 0,
             "lora_rank": self.params.adapt.lora.rank, "lora_alpha": self.params.adapt.lora.alpha,
+            "unet": self.params.adapt.lora.unet,
             "num_processes": num_processes,
             "train_images": [f.name for f in self.data.files], "final_loss": final, "sha256": hashes,
         }
@@ -447,7 +458,7 @@ def class_data(params: Params, processed: Path, cls: str) -> ClassData:
     return ClassData(
         name=cls, placeholder=params.model.placeholder.format(cls=cls),
         initializer=params.class_config(cls).initializer,
-        pixels=load_class_images(files, params.model.resolution), files=files,
+        pixels=load_class_images(files, params.adapt.resolution or params.model.resolution), files=files,
     )
 
 

@@ -105,6 +105,9 @@ class LoraStageConfig:
     text_learning_rate: float = bounded(5e-4, 0.0, 10.0)
     batch_size: int = bounded(4, 1, 1024)
     train_text_encoder: bool = True
+    # What stage 2 trains in the U-Net: LoRA layers, or every weight (DreamBooth-style; unet_learning_rate then
+    # applies to all of them, so lower it, e.g. 1e-4). The text encoder keeps LoRA either way.
+    unet: str = choice("lora", "full", default="lora")
 
 
 @dataclass
@@ -126,6 +129,9 @@ class AdaptConfig:
     mixed_precision: str = choice("auto", "no", "fp16", "bf16", default="auto")
     gradient_checkpointing: bool = True
     device: str = "auto"
+    # Training resolution; null = model.resolution. Set it to generate.resolution so that the LoRA learns the
+    # class's fine structure (cracks, grain) at the scale it is rendered at, not blurred by a downscale.
+    resolution: int | None = bounded(None, 32, 2048)
 
 
 @dataclass
@@ -165,7 +171,7 @@ class SearchConfig:
     # A trial whose images keep less fine detail than this fraction of the held-out real images' (detail_ratio:
     # 1 = as much, < 1 = blurrier) cannot win either: a blurred copy scores a good FID and loses the thin cracks
     # and small pits that tell the classes apart. 0 switches the rule off.
-    min_detail_ratio: float = bounded(0.0, 0.0, 10.0)
+    min_detail_ratio: float = bounded(0.0, 0.0, 1.0)  # a band around 1: [m, 1/m]
     bootstrap: int = bounded(20, 0, 10_000)  # resamples for each trial's FID noise (0: not measured)
 
 

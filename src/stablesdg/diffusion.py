@@ -27,6 +27,7 @@ EMBEDDED_PRIOR = Path(__file__).parent / "assets" / "prior"
 # The adapter files stock `load_textual_inversion` / `load_lora_weights` read (written by adaptation).
 EMBEDS_FILE = "learned_embeds.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+UNET_DIR = "unet"  # adapt.lora.unet: full writes the whole fine-tuned U-Net here (stock save_pretrained folder)
 
 # Words the tiny tokenizer knows as whole tokens: prompt templates, initializer words, steel vocabulary.
 TINY_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "or", "photo", "close-up", "closeup", "grayscale", "greyscale", "picture", "image", "texture", "surface", "steel", "metal", "plate", "strip", "rolled", "hot", "cold", "defect", "defects", "crack", "cracks", "crazing", "spot", "spots", "inclusion", "patch", "patches", "stain", "blotch", "pit", "pits", "pitted", "dots", "dot", "scale", "flake", "flakes", "rolled-in", "scratch", "scratches", "line", "lines", "mark", "stripe", "stripes", "grain", "noise", "rough", "smooth", "dark", "bright", "gray", "grey", "light", "shadow", "fine", "coarse", "small", "large", "long", "thin", "industrial", "microscope", "macro", "view", "top", "detail", "pattern", "network", "cluster", "speck", "specks", "blob", "blobs", "streak", "streaks",

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .config import ConfigError, GenerateConfig, ModelConfig, Params
 from .data import split_paths
-from .diffusion import EMBEDS_FILE, LORA_FILE, base_model_record, load_base_pipeline
+from .diffusion import EMBEDS_FILE, LORA_FILE, UNET_DIR, base_model_record, load_base_pipeline
 from .errors import MissingInputError
 from .schedulers import make_scheduler
 from .utils import derive_seed, pick_device, read_json, sha256_file, write_json
@@ -56,6 +56,10 @@ def load_adapted_pipeline(model: ModelConfig, cls: str, adapter_dir: Path, devic
         if not (adapter_dir / name).exists():
             raise MissingInputError(f"{adapter_dir / name} not found: run `dvc repro adapt@{cls}` first")
     pipe = load_base_pipeline(model, device, dtype)
+    if (adapter_dir / UNET_DIR).is_dir():  # adapt.lora.unet: full, a fine-tuned copy of the base U-Net
+        from diffusers import UNet2DConditionModel  # lazy: diffusers is slow to import
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(adapter_dir, subfolder=UNET_DIR).to(device, dtype)
     pipe.load_textual_inversion(str(adapter_dir), weight_name=EMBEDS_FILE)
     pipe.load_lora_weights(str(adapter_dir), weight_name=LORA_FILE)
     return pipe

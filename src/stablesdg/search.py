@@ -109,20 +109,23 @@ class SearchRun:
         return mean_detail_energy(self.real)
 
     def eligible(self, trial: dict) -> bool:
-        """Neither a near-copy of the train images (`search.min_novelty`) nor a blurred one
-        (`search.min_detail_ratio`)."""
+        """Neither a near-copy of the train images (`search.min_novelty`) nor a blurred or a noisy one: fine
+        detail within `search.min_detail_ratio` of real's either way (0.8: 0.8x-1.25x; at strength 1 the prior's
+        noise has 10x real's fine detail, which is not sharper)."""
         cfg = self.params.search
-        return trial["novelty"] >= cfg.min_novelty and trial.get("detail_ratio", 1.0) >= cfg.min_detail_ratio
+        detail = trial.get("detail_ratio", 1.0)
+        in_band = detail >= cfg.min_detail_ratio and (cfg.min_detail_ratio == 0 or detail <= 1 / cfg.min_detail_ratio)
+        return trial["novelty"] >= cfg.min_novelty and in_band
 
     def best(self, trials: list[dict]) -> dict:
-        """Lowest FID among the eligible trials. If none is: among the novel ones the most detailed, else the most
-        novel one (never a pure copy)."""
+        """Lowest FID among the eligible trials. If none is: among the novel ones the one whose fine detail is
+        closest to real (detail_ratio nearest 1 on a log scale), else the most novel one (never a pure copy)."""
         eligible = [t for t in trials if self.eligible(t)]
         if eligible:
             return min(eligible, key=lambda t: t[self.scorer.keys["fid"]])
         novel = [t for t in trials if t["novelty"] >= self.params.search.min_novelty]
         if novel:
-            return max(novel, key=lambda t: t.get("detail_ratio", 0.0))
+            return min(novel, key=lambda t: abs(math.log(max(t.get("detail_ratio", 0.0), 1e-6))))
         return max(trials, key=lambda t: t["novelty"])
 
     def run(self, on_trial: Callable[[dict], None] | None = None) -> list[dict]:
@@ -175,7 +178,8 @@ def search_summary(run: SearchRun, trials: list[dict]) -> dict:
         "noise": {f"median_{fid}_std": float(np.median([t[f"{fid}_std"] for t in trials])),
                   "best_vs_runner_up_sigmas": _separation(trials, best, fid)},
         "rejected_as_copies": sum(t["novelty"] < run.params.search.min_novelty for t in trials),
-        "rejected_as_blurred": sum(t["detail_ratio"] < run.params.search.min_detail_ratio for t in trials),
+        "rejected_for_detail": sum(t["novelty"] >= run.params.search.min_novelty and not run.eligible(t)
+                                   for t in trials),
         "best": {**asdict(trial_of(best)), fid: best[fid], f"{fid}_std": best[f"{fid}_std"],
                  keys["kid_mean"]: best[keys["kid_mean"]], "novelty": best["novelty"],
                  "detail_ratio": best["detail_ratio"]},
