@@ -120,3 +120,42 @@ def registry(tmp_path_factory):
             yield server
         finally:
             stop_server(server)
+
+
+def invoke(command, args: list) -> str:
+    """Run a click command in-process (click's CliRunner); fails the test with the output on a non-zero exit."""
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result.output
+
+
+TINY_CLASSES = ["crazing", "scratches"]
+TINY_RAW = tiny_run_params(
+    4, 4, {"per_class": 4, "batch_size": 4, "steps": 4, "strength": 0.6},
+    # strength 0.05 x 4 steps is no denoising step at all: the trial's images are the train images themselves
+    search={"strength": [0.05, 0.8], "guidance_scale": [3.0], "steps": [4], "images_per_trial": 3,
+            "refine": True, "refine_rounds": 1, "min_novelty": 0.5, "bootstrap": 5},
+    metrics={"kid_subsets": 5},
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """Processed data, a params file and adapters trained for both tiny classes: built once, read by the search,
+    generate, evaluate and ablation tests (nothing here changes the working directory or the environment)."""
+    import yaml
+
+    from stablesdg.adaptation import adapt_class
+    from stablesdg.config import load_params
+
+    root = tmp_path_factory.mktemp("tiny-world")
+    processed = make_processed(root, TINY_CLASSES, per_class=8, size=48, k_shot=3)
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump({**TINY_RAW, "metrics": {**TINY_RAW["metrics"],
+                                                                   "cache_dir": str(root / "cache")}}))
+    params = load_params(params_file)
+    for cls in TINY_CLASSES:
+        adapt_class(params, cls, processed, root / "adapters", checkpoint_root=root / "ckpt")
+    return {"root": root, "processed": processed, "params_file": params_file, "params": params}

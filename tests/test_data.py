@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from stablesdg.config import DataConfig, parse_params
@@ -244,24 +243,6 @@ def test_unknown_demo_class_is_refused(tmp_path):
     params = parse_params({"classes": {"dent": {}, "crazing": {}}})
     with pytest.raises(ValueError, match="demo generator knows only"):
         write_demo_dataset(tmp_path, params.class_names, 2, 32, 0)
-
-
-def test_demo_stage_does_not_stand_in_the_way_of_your_own_classes(tmp_path):
-    """Own data with seven own classes: the demo stage still writes its six classes and exits 0."""
-    from click.testing import CliRunner
-
-    from stablesdg.cli import main
-    from stablesdg.demo import TEXTURES
-
-    own = {f"defect-{i}": {} for i in range(7)}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "mine", "demo": {"per_class": 5,
-                                                                                                "size": 32}},
-                                                          "classes": own}))
-    result = CliRunner().invoke(main, ["data", "demo", "--params", str(tmp_path / "params.yaml"),
-                                       "--out", str(tmp_path / "demo")])
-    assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == sorted(TEXTURES)
-    assert len(list((tmp_path / "demo" / "crazing").glob("*.png"))) == 5
 
 
 def test_quarantine_report_is_json_serialisable(tmp_path):
