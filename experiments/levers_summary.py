@@ -15,6 +15,10 @@ import numpy as np
 
 K10 = Path(__file__).resolve().parents[1] / "reports" / "neu" / "k10"
 OUT = K10 / "levers"
+# capacity/<name>.json: the re-adapted generators (capacity/<name>.params.yaml; the pipeline's: LoRA rank 4,
+# 60 + 60 steps at 128 px)
+CAPACITY = {"r16": "LoRA rank 16", "r64": "LoRA rank 64", "r4_200": "LoRA rank 4 trained at 200 px",
+            "full": "full U-Net fine-tuning (60 + 200 steps, lr 1e-4)"}
 
 
 def generation_rows() -> list[str]:
@@ -40,7 +44,7 @@ def lever_rows() -> list[str]:
     for path in sorted((OUT / "capacity").glob("*.json")):
         for key, value in json.loads(path.read_text())["results"].items():
             cls, lever = key.split("|")
-            results[f"{cls}|adapt {path.stem}, {lever}"] = value
+            results[f"{cls}|{CAPACITY.get(path.stem, path.stem)}, {lever}"] = value
     classes = sorted({k.split("|")[0] for k in results})
     levers = list(dict.fromkeys(k.split("|")[1] for k, v in results.items() if "/200" in k and "novelty" in v))
     lines = ["| lever (sampler:steps@strength/render px) | " + " | ".join(classes) + " |",

@@ -129,7 +129,7 @@ def test_training_is_deterministic_and_learns(data):
 
 def test_train_stage_compares_both_variants_on_the_same_test_set(data, mlflow_store, tmp_path):
     processed, synthetic = data
-    params = classifier_params()
+    params = classifier_params(synthetic_use="append")  # replace has its own tests below
     summary = run_training(params, processed, synthetic, tmp_path / "reports", weights_dir=tmp_path / "weights")
 
     real, augmented = summary["real_only"], summary["real_plus_synthetic"]
