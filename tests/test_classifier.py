@@ -37,8 +37,9 @@ CLASSES = ["crazing", "patches", "scratches"]
 
 
 def classifier_params(**classifier) -> object:
+    # these synthetic folders are demo images without a generate manifest: appended, unless a test says replace
     cfg = {"backbone": "mobilenet_v3_small", "input_size": 48, "epochs": 3, "batch_size": 8,
-           "learning_rate": 0.003, "patience": 3, "repeats": 1, **classifier}
+           "learning_rate": 0.003, "patience": 3, "repeats": 1, "synthetic_use": "append", **classifier}
     return parse_params({"seed": 5, "classes": {c: {"initializer": "line"} for c in CLASSES}, "classifier": cfg})
 
 
@@ -129,7 +130,7 @@ def test_training_is_deterministic_and_learns(data):
 
 def test_train_stage_compares_both_variants_on_the_same_test_set(data, mlflow_store, tmp_path):
     processed, synthetic = data
-    params = classifier_params(synthetic_use="append")  # replace has its own tests below
+    params = classifier_params()
     summary = run_training(params, processed, synthetic, tmp_path / "reports", weights_dir=tmp_path / "weights")
 
     real, augmented = summary["real_only"], summary["real_plus_synthetic"]
@@ -230,7 +231,7 @@ def test_registered_version_has_a_model_card_with_the_declared_figures(data, mlf
     processed, synthetic = data
     raw = {"seed": 5, "classes": {c: {"initializer": "line"} for c in CLASSES},
            "classifier": {"backbone": "mobilenet_v3_small", "input_size": 48, "epochs": 1, "batch_size": 8,
-                          "repeats": 2}}
+                          "repeats": 2, "synthetic_use": "append"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     grids = tmp_path / "grids"
     grids.mkdir()

@@ -80,7 +80,7 @@ def test_recognition_pairs_gains_by_seed(pretrained, tmp_path, mlflow_store):
             (tmp_path / "synthetic" / cls / f"{i}.png").write_bytes(src.read_bytes())
     raw = {"seed": 1, "classes": {c: {"initializer": "line"} for c in CLASSES},
            "classifier": {"backbone": "mobilenet_v3_small", "input_size": 32, "epochs": 1, "batch_size": 8,
-                          "patience": 1, "repeats": 1}}
+                          "patience": 1, "repeats": 1, "synthetic_use": "append"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(recognition_command, [
         "--params", str(tmp_path / "params.yaml"), "--processed", str(processed), "--synthetic",

@@ -147,6 +147,10 @@ def source_names(synthetic: ImageSet) -> list[str]:
     for path in synthetic.paths:
         folder = Path(path).parent
         if folder not in manifests:
+            if not (folder / "manifest.json").exists():  # a hand-made set: nothing says which real image it varies
+                raise DataError(f"{folder / 'manifest.json'} not found: classifier.synthetic_use: replace swaps each "
+                                "real image for its own variants, which `stablesdg generate` lists there; "
+                                "regenerate the set or set classifier.synthetic_use: append")
             records = read_json(folder / "manifest.json")["images"]
             manifests[folder] = {r["file"]: r["source"] for r in records}
         out.append(manifests[folder][Path(path).name])

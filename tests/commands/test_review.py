@@ -15,6 +15,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+import stablesdg.commands.review  # noqa: F401  (the command module this file mirrors)
 from stablesdg.cli import main
 from stablesdg.config import DataConfig
 from stablesdg.data import LINE_SPLIT, ingest, read_manifest, split_paths
