@@ -20,7 +20,7 @@ import httpx
 import pytest
 from onnx_models import RGB, write_model
 from PIL import Image
-from processes import cli_command, free_port
+from processes import cli_command, free_port, stop_process
 from test_server import wait_until_up as _wait_until_up
 
 from stablesdg_line.classifier import Classifier
@@ -117,15 +117,6 @@ def wait_for_text(log: Path, text: str, process: subprocess.Popen, seconds: floa
         time.sleep(0.05)
 
 
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=5)
-
-
 def assert_no_failures_and_one_switch(load: Load, old: str, new: str) -> int:
     """Every answer 200; per client the versions go old... then new... (never back). Returns the count."""
     total = 0
@@ -163,14 +154,12 @@ def test_sighup_swaps_the_model_under_load_and_refuses_a_bad_one(tmp_path):
             (tmp_path / "broken.onnx").write_bytes(b"not an onnx model")
             swap_in(tmp_path / "broken.onnx", current)
             process.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 20
-            while "refused" not in log.read_text() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for_text(log, "refused", process, 20)
             answer = http.post("/classify", files=[("files", ("a.png", png(), "image/png"))])
             assert answer.status_code == 200 and answer.json()["model_version"] == "2"
             assert process.poll() is None
     finally:
-        stop(process)
+        stop_process(process, grace_s=15)
     text = log.read_text()
     assert "now running v2" in text and "was v1" in text
     assert "refused" in text and "still running v2" in text and "onnxruntime cannot load" in text
@@ -195,12 +184,10 @@ def test_follow_picks_up_an_atomic_swap_and_honours_the_pull_description(tmp_pat
             # pull's description pins the next file: v3 arrives with a description naming other bytes
             (current.with_suffix(".json")).write_text(json.dumps({"version": "3", "sha256": "0" * 64}))
             swap_in(v3, current)
-            deadline = time.monotonic() + 20
-            while "sha256 is" not in log.read_text() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for_text(log, "sha256 is", process, 20)
             assert http.get("/model").json()["model_version"] == "2"
     finally:
-        stop(process)
+        stop_process(process, grace_s=15)
     text = log.read_text()
     assert "model file changed (--follow): now running v2" in text
     assert "refused" in text and "expected " + "0" * 64 in text
@@ -266,7 +253,7 @@ def test_watch_reloads_between_batches_and_loses_or_repeats_no_file(tmp_path):
         wait_for_rows(results, len(names))
         time.sleep(0.5)  # a double-processed file would show as an extra row
     finally:
-        stop(process)
+        stop_process(process, grace_s=15)
     rows = rows_of(results)
     assert sorted(row["name"] for row in rows) == names, "a file lost or classified twice"
     assert all(row["error"] is None and row["class"] == "red_defect" for row in rows)

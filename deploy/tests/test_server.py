@@ -7,7 +7,7 @@ import httpx
 import pytest
 from corpus import BLUE, GREEN, RED, image_bytes, write_malformed_corpus
 from fastapi.testclient import TestClient
-from processes import cli_command, free_port
+from processes import cli_command, free_port, stop_process
 
 from stablesdg_line import Classifier, sha256_hex
 from stablesdg_line.server import ServeConfig, create_app
@@ -112,12 +112,7 @@ def test_real_uvicorn_server_process(rgb_model):
             assert http.get("/health").json() == {"status": "ok"}
             assert "server" not in http.get("/health").headers
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_process(process)
     assert process.returncode is not None
 
 
