@@ -108,6 +108,10 @@ class SearchRun:
     def real_detail_energy(self) -> float:
         return mean_detail_energy(self.real)
 
+    def novel(self, trial: dict) -> bool:
+        """Not a near-copy of the train images (`search.min_novelty`)."""
+        return trial["novelty"] >= self.params.search.min_novelty
+
     def eligible(self, trial: dict) -> bool:
         """Neither a near-copy of the train images (`search.min_novelty`) nor a blurred or a noisy one: fine
         detail within `search.min_detail_ratio` of real's either way (0.8: 0.8x-1.25x; at strength 1 the prior's
@@ -115,7 +119,7 @@ class SearchRun:
         cfg = self.params.search
         detail = trial.get("detail_ratio", 1.0)
         in_band = detail >= cfg.min_detail_ratio and (cfg.min_detail_ratio == 0 or detail <= 1 / cfg.min_detail_ratio)
-        return trial["novelty"] >= cfg.min_novelty and in_band
+        return self.novel(trial) and in_band
 
     def best(self, trials: list[dict]) -> dict:
         """Lowest FID among the eligible trials. If none is: among the novel ones the one whose fine detail is
@@ -123,7 +127,7 @@ class SearchRun:
         eligible = [t for t in trials if self.eligible(t)]
         if eligible:
             return min(eligible, key=lambda t: t[self.scorer.keys["fid"]])
-        novel = [t for t in trials if t["novelty"] >= self.params.search.min_novelty]
+        novel = [t for t in trials if self.novel(t)]
         if novel:
             return min(novel, key=lambda t: abs(math.log(max(t.get("detail_ratio", 0.0), 1e-6))))
         return max(trials, key=lambda t: t["novelty"])
@@ -177,9 +181,8 @@ def search_summary(run: SearchRun, trials: list[dict]) -> dict:
         "min_detail_ratio": run.params.search.min_detail_ratio,
         "noise": {f"median_{fid}_std": float(np.median([t[f"{fid}_std"] for t in trials])),
                   "best_vs_runner_up_sigmas": _separation(trials, best, fid)},
-        "rejected_as_copies": sum(t["novelty"] < run.params.search.min_novelty for t in trials),
-        "rejected_for_detail": sum(t["novelty"] >= run.params.search.min_novelty and not run.eligible(t)
-                                   for t in trials),
+        "rejected_as_copies": sum(not run.novel(t) for t in trials),
+        "rejected_for_detail": sum(run.novel(t) and not run.eligible(t) for t in trials),
         "best": {**asdict(trial_of(best)), fid: best[fid], f"{fid}_std": best[f"{fid}_std"],
                  keys["kid_mean"]: best[keys["kid_mean"]], "novelty": best["novelty"],
                  "detail_ratio": best["detail_ratio"]},
