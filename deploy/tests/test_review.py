@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from processes import cli_command, free_port, run_cli
-from test_reload import START_S, stop
+from processes import cli_command, free_port, run_cli, stop_process
+from test_reload import START_S
 from test_server import wait_until_up
 
 from stablesdg_line.classifier import Classifier
@@ -125,7 +125,7 @@ def test_serve_keeps_unsure_uploads_within_the_cap(tmp_path, rgb_model):
                          ("files", (f"bad-{i:02d}.png", b"\x89PNG\r\n\x1a\n broken", "image/png"))]
                 assert http.post("/classify", files=files).status_code == 422  # the bad one fails
     finally:
-        stop(process)
+        stop_process(process)
     rows = kept(review)
     assert [row["source_file"] for row in rows] == [f"u-{i:02d}.png" for i in range(7, 12)]
 
