@@ -105,7 +105,7 @@ def main() -> None:
     records.append(run_step("stock-load", [sys.executable, "-c", STOCK_LOAD, str(base),
                                            str(work / "models/adapters" / CLASS)], work, env))
     result = {"arch": "sd15 (random weights)", "resolution": args.resolution, "device": args.device,
-              "threads": os.environ.get("STABLESDG_THREADS", "torch default"), "cpu_count": os.cpu_count(),
+              "threads": yaml.safe_load(Path(params).read_text())["threads"], "cpu_count": os.cpu_count(),
               "embedding_steps": 2, "lora_steps": 2, "batch_size": 1, "search_trials": 1, "images": 2,
               "steps": records}
     out = args.out or work / "realsize.json"

@@ -9,7 +9,7 @@
 #   bash experiments/adaptation_steps.sh lora500 200 500       # -> $WORK/lora500/{adapters,synthetic}
 #
 # Needs the NEU workspace's images, synthetic set and params (experiments/gpu_recognition.sh pack -> .gpu/rec) and
-# its search results (reports/neu/k10/search). STABLESDG_THREADS=1 when another job shares the CPU; SEEDS and
+# its search results (reports/neu/k10/search). THREADS=1 when another job shares the CPU; SEEDS and
 # MIXING_OUT (default reports/neu/k10, where the mixing study caches its rows) for a smoke run elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,11 +19,12 @@ WORK=${WORK:-/tmp/adaptation_steps}
 name=$1 embedding_steps=$2 lora_steps=$3 rank=${4:-}
 dir=$WORK/$name
 mkdir -p "$dir"
-python - "$REC/params.yaml" "$dir/params.yaml" "$embedding_steps" "$lora_steps" "$rank" <<'PY'
+python - "$REC/params.yaml" "$dir/params.yaml" "$embedding_steps" "$lora_steps" "$rank" "${THREADS:-2}" <<'PY'
 import sys
 import yaml
-src, dst, embedding_steps, lora_steps, rank = sys.argv[1:]
+src, dst, embedding_steps, lora_steps, rank, threads = sys.argv[1:]
 params = yaml.safe_load(open(src))
+params["threads"] = int(threads)
 params["adapt"]["embedding"]["steps"] = int(embedding_steps)
 params["adapt"]["lora"]["steps"] = int(lora_steps)
 if rank:
@@ -63,5 +64,5 @@ for cls in params.classes:
 (new / "quality.json").write_text(json.dumps(quality, indent=1))
 print(json.dumps(quality, indent=1))
 PY
-python experiments/synthetic_mixing.py --data "$REC" --threads "${STABLESDG_THREADS:-2}" --seeds "${SEEDS:-42,43,44}" \
+python experiments/synthetic_mixing.py --data "$REC" --threads "${THREADS:-2}" --seeds "${SEEDS:-42,43,44}" \
   --arms eq360,ratio5,"set:$name" --extra "$name=$dir/synthetic" --out "${MIXING_OUT:-reports/neu/k10}"

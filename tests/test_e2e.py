@@ -56,7 +56,7 @@ def _set_param(root, dotted: str, value) -> None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = make_project(tmp_path_factory.mktemp("e2e"), _small_params())
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "STABLESDG_THREADS": "2"}
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     first = run_cli(["dvc", "repro"], root, env)
     return root, env, first
 

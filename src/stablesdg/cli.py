@@ -4,7 +4,6 @@ other commands (`commands/`) into one group. Nothing else happens here."""
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import click
@@ -64,13 +63,8 @@ LAZY_COMMANDS = {
 def main() -> None:
     """StableSDG: few-shot steel-defect image generation, FID-guided, tracked and shipped as ONNX.
 
-    STABLESDG_THREADS sets torch's CPU thread count (e.g. 1 when other jobs share the cores).
+    Every stage sets torch's CPU thread count from `threads` in params.yaml (e.g. 1 when other jobs share the cores).
     """
-    threads = os.environ.get("STABLESDG_THREADS")
-    if threads:
-        import torch  # lazy: `stablesdg --help` and `stablesdg data ...` need no torch
-
-        torch.set_num_threads(int(threads))
 
 
 @main.group(cls=LazyGroup, lazy=DATA_COMMANDS)

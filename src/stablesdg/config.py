@@ -250,6 +250,9 @@ class TrackingConfig:
 @dataclass
 class Params:
     seed: int = bounded(42, 0, 2**32 - 1)
+    # torch's CPU thread count in every stage: CPU float sums depend on it (1 and 2 threads differ by 1e-8 from
+    # the first step), so a fixed count gives the same bytes on every machine; None: torch's default (all cores)
+    threads: int | None = bounded(2, 1, 1024)
     data: DataConfig = field(default_factory=DataConfig)
     classes: dict[str, ClassConfig] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)

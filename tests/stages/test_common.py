@@ -59,3 +59,34 @@ def test_a_bad_param_names_the_key(tmp_path):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"search": {"scheduler": ["heun"]}}))
     with pytest.raises(click.ClickException, match=r"search\.scheduler"):
         load_or_exit(str(tmp_path / "p.yaml"))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_loading_params_sets_torch_threads_so_every_machine_sums_the_same_way(tmp_path, threads):
+    import torch
+
+    before = torch.get_num_threads()
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"seed": 1, "threads": threads}))
+    try:
+        assert load_or_exit(str(path)).threads == threads
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_null_leaves_torch_default(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 1\nthreads: null\n")
+    assert load_or_exit(str(path)).threads is None
+    assert torch.get_num_threads() == before
+
+
+def test_threads_zero_is_refused_naming_the_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("threads: 0\n")
+    with pytest.raises(click.ClickException, match="threads"):
+        load_or_exit(str(path))

@@ -42,11 +42,21 @@ def path_option(*decls: str, default: str, help: str | None = None, **kwargs: An
 
 
 def load_or_exit(path: str) -> Params:
-    """params.yaml parsed, or a one-line error naming the key and what is allowed."""
+    """params.yaml parsed, or a one-line error naming the key and what is allowed; torch's CPU threads set from it."""
     try:
-        return load_params(path)
+        params = load_params(path)
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
+    set_threads(params.threads)
+    return params
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU thread count (`threads` in params.yaml), before a stage computes anything."""
+    if threads is not None:
+        import torch  # lazy: the stages that never touch torch (demo, ingest) pay for the import only here
+
+        torch.set_num_threads(threads)
 
 
 def load_for_class(path: str, cls: str) -> Params:
