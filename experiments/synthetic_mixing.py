@@ -54,6 +54,7 @@ from stablesdg.comparison import (
 from stablesdg.config import load_params
 from stablesdg.data import split_paths, synthetic_paths
 from stablesdg.metrics import detail_ratio
+from stablesdg.utils import sha256_tree
 
 
 def subset(images: ImageSet, idx) -> ImageSet:
@@ -92,6 +93,9 @@ def main(data: Path, arms: str, seeds: str, extra: tuple[str, ...], out: Path, t
     classes = splits.spec.class_names
     synthetic = splits.synthetic  # None is fine for eqN arms and arms on an --extra set
     extra_sets = dict(item.split("=", 1) for item in extra)
+    # each row names the synthetic set it used, so rows added later on a regenerated set are told apart
+    set_hash = {name: sha256_tree(root)[:12] for name, root in [("", data / "synthetic"), *extra_sets.items()]
+                if Path(root).is_dir()}
     cache_file = out / "mixing.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {"rows": []}
     done = {(r["arm"], r["seed"]): r for r in cache["rows"]}
@@ -143,12 +147,13 @@ def main(data: Path, arms: str, seeds: str, extra: tuple[str, ...], out: Path, t
                 arm_cfg = dataclasses.replace(cfg, synthetic_use=use, **{key: float(name.removeprefix(prefix))})
                 arm_splits = dataclasses.replace(splits, synthetic=pool)
                 train = variant_train_set(arm_splits, "real_plus_synthetic", arm_cfg)
-                run(train, seed, arm, arm_cfg, n_synthetic_pool=len(pool), baseline=f"eq{len(train)}")
+                run(train, seed, arm, arm_cfg, n_synthetic_pool=len(pool), baseline=f"eq{len(train)}",
+                    set_sha256=set_hash.get(set_name))
             elif arm.startswith("set:"):
                 root = Path(extra_sets[arm[4:]])
                 all_images = load_images(*synthetic_split(root, classes), splits.spec)
                 images = per_class_choice(all_images, 50, len(classes), seed)
-                run(combine(splits.train, images), seed, arm, synthetic_dir=str(root))
+                run(combine(splits.train, images), seed, arm, synthetic_dir=str(root), set_sha256=set_hash[arm[4:]])
             else:
                 raise click.BadParameter(f"unknown arm {arm!r}", param_hint="--arms")
     # how much fine detail each synthetic set keeps, per class, against the real test images (1 = as much)
