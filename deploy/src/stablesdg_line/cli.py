@@ -32,9 +32,11 @@ DEFAULT_QUEUE_TIMEOUT_S = 10.0
 DEFAULT_MAX_BATCH = 32  # batching.DEFAULT_MAX_BATCH
 
 TOKEN_ENV = "STABLESDG_LINE_TOKEN"
-# uvicorn answers 503 beyond this many connections + tasks, long before the usual 1024-descriptor limit.
+# Most open connections; lowered at start-up to fit RLIMIT_NOFILE (connections.fit_connection_cap).
 DEFAULT_LIMIT_CONCURRENCY = 512
 DEFAULT_KEEP_ALIVE_S = 5.0
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # connections.DEFAULT_HEADER_TIMEOUT_S
+DEFAULT_BODY_TIMEOUT_S = 30.0  # connections.DEFAULT_BODY_TIMEOUT_S
 CSV_COLUMNS = ("file", "class", "confidence", "scores", "latency_ms", "model_version", "error")
 EXIT_MODEL_REFUSED = 2  # also argparse's usage-error code: "the invocation cannot work as given"
 EXIT_SOME_FILES_FAILED = 3
@@ -108,10 +110,19 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help="the token on the command line: visible to every user in `ps`; prefer "
                                        f"--token-file or env {TOKEN_ENV}")
     serve.add_argument("--limit-concurrency", type=int, default=DEFAULT_LIMIT_CONCURRENCY,
-                       help="open connections + tasks above which new ones get 503 at once (uvicorn's "
-                            f"limit; default {DEFAULT_LIMIT_CONCURRENCY}, keep it below LimitNOFILE)")
+                       help="most open connections (default "
+                            f"{DEFAULT_LIMIT_CONCURRENCY}; lowered to fit RLIMIT_NOFILE, see LimitNOFILE). "
+                            "One more closes the longest-idle connection, or gets 503 when every one has a "
+                            "request in progress")
     serve.add_argument("--keep-alive-timeout", type=float, default=DEFAULT_KEEP_ALIVE_S,
                        help=f"seconds an idle connection stays open (default {DEFAULT_KEEP_ALIVE_S:g})")
+    serve.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                       help="seconds a client has to send a complete request head, from connecting or "
+                            "from the previous response; then 408 and close "
+                            f"(default {DEFAULT_HEADER_TIMEOUT_S:g})")
+    serve.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                       help="seconds a client has to send the whole body after its head; then 408 and close "
+                            f"(default {DEFAULT_BODY_TIMEOUT_S:g})")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20)")
     serve.add_argument("--max-files", type=int, default=32, help="most files per request (default 32)")
     serve.add_argument("--max-request-pixels", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
@@ -251,6 +262,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from .connections import ACCEPT_BACKLOG, ConnectionLimits, fit_connection_cap, protocol_class
         from .server import ServeConfig, create_app
     except ImportError as err:
         raise SystemExit(f"serve needs the HTTP extra: pip install 'stablesdg-line[serve]' ({err})") from err
@@ -264,9 +276,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          batch_wait_s=args.batch_wait_ms / 1000.0)
     slot = ModelSlot(_load_classifier(args))
     app = create_app(slot, config, review_from_args(args))
+    cap, why = fit_connection_cap(args.limit_concurrency)
+    log.info("connections: %s; request head within %g s, body within %g s", why, args.header_timeout,
+             args.body_timeout)
+    limits = ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                              max_connections=cap)
     with _reloading(args, slot.get, slot.swap):
+        # The connection cap is the protocol's (it evicts idle connections first); uvicorn's own
+        # limit_concurrency would answer 503 to every request once idle connections fill it.
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False,
-                    limit_concurrency=args.limit_concurrency, timeout_keep_alive=args.keep_alive_timeout)
+                    http=protocol_class(limits), backlog=ACCEPT_BACKLOG, limit_concurrency=None,
+                    timeout_keep_alive=args.keep_alive_timeout)
     return 0
 
 
