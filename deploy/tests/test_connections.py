@@ -4,11 +4,13 @@ RLIMIT_NOFILE), against a real `stablesdg-line serve` on 127.0.0.1 and real sock
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,11 +29,11 @@ def limit_descriptors() -> None:
 
 
 @contextlib.contextmanager
-def serving(model, *flags: str, preexec_fn=None):
+def serving(model, *flags: str, preexec_fn=None, env=None):
     port = free_port()
     command = cli_command("serve", str(model), "--port", str(port), "--token", TOKEN, *flags)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               preexec_fn=preexec_fn)
+                               preexec_fn=preexec_fn, env=env)
     log: list[bytes] = []
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
@@ -191,3 +193,90 @@ def test_when_every_connection_has_a_request_in_progress_a_new_one_gets_503(rgb_
                 sock.close()
         time.sleep(0.3)
         assert http.get("/health").status_code == 200  # the cap frees with the connections
+
+
+# ----------------------------------------------------------------------------- upload spooling
+UPLOAD_MB = 19
+
+
+def spooled_bytes(pid: int, folder: Path) -> int:
+    """Bytes in the server's open temporary files under `folder` (unnamed O_TMPFILE ones included)."""
+    total = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).startswith(str(folder)):
+                total += os.stat(fd).st_size
+    return total
+
+
+def multipart_upload(size: int) -> tuple[bytes, bytes]:
+    part = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n")
+    body = part + os.urandom(size - len(part) - 8) + b"\r\n--b--\r\n"
+    head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {len(body)}\r\nContent-Type: multipart/form-data; boundary=b\r\n\r\n").encode()
+    return head, body
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    answer = b""
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        while data := sock.recv(65536):
+            answer += data
+    return answer
+
+
+@pytest.mark.timeout(180)
+def test_ten_19_mb_uploads_at_once_spool_at_most_max_spool_mb(rgb_model, tmp_path):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    env = {**os.environ, "TMPDIR": str(spool)}
+    flags = ("--max-upload-mb", "20", "--max-spool-mb", "64")
+    with serving(rgb_model, *flags, env=env) as (port, _, process, _):
+        head, body = multipart_upload(UPLOAD_MB * 2**20)
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(10)]
+        try:
+            for sock in socks:
+                sock.sendall(head)
+            time.sleep(0.5)
+            refused, accepted = [], []
+            for sock in socks:  # the over-budget ones are answered before any byte of their body is sent
+                sock.settimeout(0.5)
+                try:
+                    answer = sock.recv(65536)
+                except TimeoutError:
+                    accepted.append(sock)
+                    continue
+                refused.append(answer)
+            assert len(accepted) == 3 and len(refused) == 7, (len(accepted), refused[:1])
+            assert all(a.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in a.lower()
+                       and b"upload spool full" in a for a in refused), refused[0][:300]
+            peak, answers = [0], []
+            done = threading.Event()
+
+            def watch_spool():
+                while not done.is_set():
+                    peak[0] = max(peak[0], spooled_bytes(process.pid, spool))
+                    time.sleep(0.005)
+
+            def send(sock):
+                sock.settimeout(60)
+                sock.sendall(body)
+                answers.append(read_answer(sock))
+
+            watcher = threading.Thread(target=watch_spool)
+            watcher.start()
+            senders = [threading.Thread(target=send, args=(sock,)) for sock in accepted]
+            for thread in senders:
+                thread.start()
+            for thread in senders:
+                thread.join(120)
+            done.set()
+            watcher.join()
+        finally:
+            for sock in socks:
+                sock.close()
+        assert len(answers) == 3 and all(a.startswith(b"HTTP/1.1 422") for a in answers), answers
+        assert all(b"not a recognised image" in a for a in answers)
+        assert UPLOAD_MB * 2**20 <= peak[0] <= 64 * 2**20, peak[0] / 2**20  # before: 10 x 19 = 190 MB
+        assert spooled_bytes(process.pid, spool) == 0  # every spool file is gone with its request

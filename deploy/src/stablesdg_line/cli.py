@@ -30,6 +30,7 @@ DEFAULT_MAX_CONCURRENT = 2
 DEFAULT_MAX_WAITING = 16
 DEFAULT_QUEUE_TIMEOUT_S = 10.0
 DEFAULT_MAX_BATCH = 32  # batching.DEFAULT_MAX_BATCH
+DEFAULT_MAX_SPOOL_MB = 64  # server.DEFAULT_MAX_SPOOL_MB
 
 TOKEN_ENV = "STABLESDG_LINE_TOKEN"
 # Most open connections; lowered at start-up to fit RLIMIT_NOFILE (connections.fit_connection_cap).
@@ -124,6 +125,10 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="seconds a client has to send the whole body after its head; then 408 and close "
                             f"(default {DEFAULT_BODY_TIMEOUT_S:g})")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20)")
+    serve.add_argument("--max-spool-mb", type=float, default=DEFAULT_MAX_SPOOL_MB,
+                       help="most MB of request bodies in progress at once, all requests together (uploads "
+                            "are spooled to temporary files: RAM on a tmpfs /tmp); beyond it 503 before the "
+                            f"body is read (default {DEFAULT_MAX_SPOOL_MB}; at least --max-upload-mb)")
     serve.add_argument("--max-files", type=int, default=32, help="most files per request (default 32)")
     serve.add_argument("--max-request-pixels", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
                        help=f"most pixels per request, from headers (default {DEFAULT_MAX_REQUEST_PIXELS})")
@@ -267,9 +272,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise SystemExit(f"serve needs the HTTP extra: pip install 'stablesdg-line[serve]' ({err})") from err
     token = resolve_token(args)
+    if args.max_spool_mb < args.max_upload_mb:
+        raise ServeConfigError(f"--max-spool-mb {args.max_spool_mb:g} is below --max-upload-mb "
+                               f"{args.max_upload_mb:g}: the largest upload could never be accepted")
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: anyone on the network can use the model", args.host)
     config = ServeConfig(token=token, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                         max_spool_bytes=int(args.max_spool_mb * 1024 * 1024),
                          max_files=args.max_files, max_request_pixels=args.max_request_pixels,
                          max_concurrent=args.max_concurrent, max_waiting=args.max_waiting,
                          queue_timeout_s=args.queue_timeout, max_batch=args.max_batch,
@@ -292,6 +301,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 class TokenError(ValueError):
     """A token was given but cannot be used (empty, unreadable file)."""
+
+
+class ServeConfigError(ValueError):
+    """serve's limits contradict each other."""
 
 
 def resolve_token(args: argparse.Namespace) -> str | None:
@@ -381,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ModelIntegrityError, ModelContractError, WatchError, TokenError, ReviewConfigError,
-            OSError) as err:
+    except (ModelIntegrityError, ModelContractError, WatchError, TokenError, ServeConfigError,
+            ReviewConfigError, OSError) as err:
         print(f"stablesdg-line: error: {err}", file=sys.stderr)
         return EXIT_MODEL_REFUSED
     except KeyboardInterrupt:
