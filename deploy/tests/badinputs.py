@@ -212,6 +212,15 @@ def jpeg_with_scans(repeats: int) -> bytes:
     return jpg[:last_sos] + jpg[last_sos:-2] * repeats + b"\xff\xd9"
 
 
+def slow_progressive_jpeg(side: int, scans: int = 60) -> bytes:
+    """A flat progressive JPEG whose first luma AC refinement scan is repeated up to `scans` scans: each copy
+    is a few bytes that make libjpeg visit every block again (6000 px: 215 kB, 1.5 s of CPU)."""
+    jpg = _encode(Image.new("RGB", (side, side), (120, 120, 120)), "JPEG", progressive=True, quality=90)
+    starts = [i for i in range(len(jpg) - 1) if jpg[i] == 0xFF and jpg[i + 1] == 0xDA]
+    refine = jpg[starts[5]:starts[6]]  # libjpeg's simple progression: scan 5 refines Y AC 1-63
+    return jpg[:-2] + refine * (scans - len(starts)) + b"\xff\xd9"
+
+
 def hostile_bytes() -> dict[str, tuple[bytes, str]]:
     """name -> (content, reason word): files whose header parsing alone costs seconds or a GB (issue 24.1)."""
     inflating = zlib.compress(b"A" * (8 * 2**20), 9)  # 8 KB on the wire, 8 MB once inflated
@@ -224,4 +233,5 @@ def hostile_bytes() -> dict[str, tuple[bytes, str]]:
         "huge_text_chunk.png": (png_with_text([(b"tEXt", b"k\x00" + b"v" * (2 * 2**20))]), "metadata"),
         "strips_100k.tif": (tiff_with_strips(100_000), "strips"),
         "scans_500.jpg": (jpeg_with_scans(500), "scans"),
+        "scan_budget.jpg": (slow_progressive_jpeg(6000), "scans x pixels"),
     }

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import tqdm
 
 from .config import DataConfig
@@ -34,6 +34,15 @@ IMAGE_EXTENSIONS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
 # Decoded by content, as on the line (deploy/ stablesdg_line.images.ALLOWED_FORMATS): any other format is
 # quarantined before a decoder for it runs (EPS would start Ghostscript).
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+# A file's cost is bounded before Pillow parses it, with the line's limits (stablesdg_line.images, issue 24):
+# PNG text that inflates to megabytes, a TIFF with a million strips and a JPEG with thousands of scans (or
+# fewer scans of a huge frame: each one decodes every block again) cost seconds or a GB at open and decode.
+# deploy/tests/badinputs.py's hostile files are refused by both, each with its reason.
+PngImagePlugin.MAX_TEXT_CHUNK = 256 * 1024  # Pillow's defaults: 1 MB a chunk, 64 MB in all
+PngImagePlugin.MAX_TEXT_MEMORY = 1024 * 1024
+MAX_JPEG_SCANS = 64
+MAX_JPEG_SCAN_PIXELS = 480_000_000  # scans x pixels: 12 scans of a 40 MP frame
+MAX_TIFF_STRIPS = 65_536
 NEU_CLS_PREFIXES = {
     "cr": "crazing",
     "in": "inclusion",
@@ -191,11 +200,58 @@ def decode_image(path: Path, cfg: DataConfig) -> Image.Image:
     return decode_image_bytes(read_source_file(path, cfg), path.suffix, cfg)[0]
 
 
+def costly_structure(raw: bytes) -> str | None:
+    """Why the file's structure alone would cost more than any image needs, or None; no parser runs."""
+    if raw.startswith(b"\xff\xd8"):
+        scans = raw.count(b"\xff\xda")  # entropy-coded data stuffs 0xFF with 0x00: FF DA is always a marker
+        width, height = _frame_size(raw)
+        if scans > MAX_JPEG_SCANS or scans * width * height > MAX_JPEG_SCAN_PIXELS:
+            return (f"costly structure: JPEG has {scans} scans of {width}x{height} pixels (limits "
+                    f"{MAX_JPEG_SCANS} scans, {MAX_JPEG_SCAN_PIXELS} scans x pixels)")
+    elif raw[:4] in (b"II*\x00", b"MM\x00*"):
+        strips = _strip_count(raw)
+        if strips > MAX_TIFF_STRIPS:
+            return f"costly structure: TIFF has {strips} strips or tiles (limit {MAX_TIFF_STRIPS})"
+    return None
+
+
+def _frame_size(raw: bytes) -> tuple[int, int]:
+    """A JPEG's (width, height) from its SOFn segment, found by walking the segments before the first scan."""
+    at = 2
+    while at + 9 <= len(raw) and raw[at] == 0xFF:
+        kind = raw[at + 1]
+        if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC):
+            rows, cols = struct.unpack(">HH", raw[at + 5:at + 9])
+            return cols, rows
+        if kind == 0xDA:
+            return 0, 0
+        at += 1 if kind == 0xFF else 2 + struct.unpack(">H", raw[at + 2:at + 4])[0]
+    return 0, 0
+
+
+def _strip_count(raw: bytes) -> int:
+    """StripOffsets / TileOffsets count in a classic TIFF's first IFD (0 when cut short)."""
+    endian = "<" if raw.startswith(b"II") else ">"
+    try:
+        first = struct.unpack_from(endian + "I", raw, 4)[0]
+        entries = struct.unpack_from(endian + "H", raw, first)[0]
+        for n in range(min(entries, 4096)):
+            tag, _, count = struct.unpack_from(endian + "HHI", raw, first + 2 + 12 * n)
+            if tag in (273, 324):
+                return count
+    except struct.error:
+        pass
+    return 0
+
+
 def decode_image_bytes(raw: bytes, suffix: str, cfg: DataConfig) -> tuple[Image.Image, tuple[int, int]]:
     """Decode + normalise in-memory file bytes; returns (image at image_size, original (width, height))."""
     _check_file_size(len(raw), cfg)
     if suffix.lower() not in IMAGE_EXTENSIONS:
         raise ValueError(f"unsupported extension {suffix or '(none)'}; use one of {sorted(IMAGE_EXTENSIONS)}")
+    problem = costly_structure(raw)
+    if problem is not None:
+        raise ValueError(f"{problem}: refused before decoding")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -217,7 +273,9 @@ def decode_image_bytes(raw: bytes, suffix: str, cfg: DataConfig) -> tuple[Image.
                          f"{', '.join(f.lower() for f in ALLOWED_FORMATS)})") from None
     except (OSError, SyntaxError, EOFError, struct.error) as err:
         raise ValueError(f"unreadable or truncated image: {err}") from None
-    except ValueError:
+    except ValueError as err:
+        if "text" in str(err).lower():  # Pillow's PNG text-chunk limits (MAX_TEXT_CHUNK / MAX_TEXT_MEMORY)
+            raise ValueError(f"metadata too large: {err}") from None
         raise
     except Exception as err:  # a decoder bug on hostile input stays this file's problem
         raise ValueError(f"cannot decode image: {type(err).__name__}: {err}") from None

@@ -19,7 +19,7 @@ from typing import IO
 from . import __version__, pull
 from .classifier import GRAPH_OPTIMIZATION_LEVELS, Classifier, ModelIntegrityError, Prediction, RuntimeOptions
 from .contract import ModelContractError
-from .images import DEFAULT_MAX_PIXELS
+from .images import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS
 from .reload import DEFAULT_FOLLOW_INTERVAL_S, ModelSlot, Reloader
 from .review import ReviewConfigError, add_review_options, review_from_args
 from .watch import IMAGE_EXTENSIONS, DropFolderWatcher, WatchConfig, WatchError
@@ -52,6 +52,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-runs", type=int, default=1, help="dummy inferences at load (default 1)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"reject images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT_S, metavar="S",
+                        help="refuse a file whose decoding takes longer than S seconds ('decode took longer "
+                             "than S s'); serve applies it to all files of a request together; 0: no limit "
+                             f"(default {DEFAULT_DECODE_TIMEOUT_S:g})")
     parser.add_argument("--graph-optimization", choices=sorted(GRAPH_OPTIMIZATION_LEVELS), default="all",
                         help="onnxruntime graph optimisation level (default all)")
     parser.add_argument("--memory-arena", action=argparse.BooleanOptionalAction, default=True,
@@ -155,7 +159,8 @@ def _load_classifier(args: argparse.Namespace, path: Path | None = None,
                      pin: str | None = None) -> Classifier:
     options = RuntimeOptions(expected_sha256=pin if path is not None else args.expected_sha256,
                              threads=args.threads, warmup_runs=args.warmup_runs, max_pixels=args.max_pixels,
-                             graph_optimization=args.graph_optimization, memory_arena=args.memory_arena)
+                             graph_optimization=args.graph_optimization, memory_arena=args.memory_arena,
+                             decode_timeout_s=args.decode_timeout or None)
     return Classifier(path or args.model, options)
 
 

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 
 from .batching import DEFAULT_MAX_BATCH
 from .classifier import Classifier
-from .images import ImageRejected, probe
+from .images import Deadline, ImageRejected, probe
 from .reload import ModelSlot
 from .review import ReviewFolder
 
@@ -280,7 +280,11 @@ def create_app(model: Classifier | ModelSlot, config: ServeConfig | None = None,
                     return _json(413, f"the images in this request have {pixels} pixels in all, above the "
                                       f"per-request budget of {config.max_request_pixels}; send fewer per "
                                       "request")
-                predictions = classifier.classify([upload.file for upload in files], names=names)
+                # One decode deadline for the whole request, from the moment it holds a slot: a slow file
+                # cannot hold a slot longer than --decode-timeout (issue 24).
+                deadline = Deadline.after(classifier.options.decode_timeout_s, "for the whole request")
+                predictions = classifier.classify([upload.file for upload in files], names=names,
+                                                  deadline=deadline)
         except Busy as err:
             return _json(503, f"busy, retry later: {err}", **{"Retry-After": "1"})
         finally:
