@@ -43,6 +43,8 @@ PngImagePlugin.MAX_TEXT_MEMORY = 1024 * 1024
 MAX_JPEG_SCANS = 64
 MAX_JPEG_SCAN_PIXELS = 480_000_000  # scans x pixels: 12 scans of a 40 MP frame
 MAX_TIFF_STRIPS = 65_536
+MAX_METADATA_BYTES = 1024 * 1024  # JPEG APPn/COM, PNG ancillary chunks, WebP EXIF/ICCP/XMP
+MAX_PNG_CHUNKS = 65_536
 NEU_CLS_PREFIXES = {
     "cr": "crazing",
     "in": "inclusion",
@@ -202,31 +204,65 @@ def decode_image(path: Path, cfg: DataConfig) -> Image.Image:
 
 def costly_structure(raw: bytes) -> str | None:
     """Why the file's structure alone would cost more than any image needs, or None; no parser runs."""
+    metadata = 0
     if raw.startswith(b"\xff\xd8"):
         scans = raw.count(b"\xff\xda")  # entropy-coded data stuffs 0xFF with 0x00: FF DA is always a marker
-        width, height = _frame_size(raw)
+        width, height, metadata = _jpeg_frame(raw)
         if scans > MAX_JPEG_SCANS or scans * width * height > MAX_JPEG_SCAN_PIXELS:
             return (f"costly structure: JPEG has {scans} scans of {width}x{height} pixels (limits "
                     f"{MAX_JPEG_SCANS} scans, {MAX_JPEG_SCAN_PIXELS} scans x pixels)")
+    elif raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        chunks, metadata = _png_layout(raw)
+        if chunks > MAX_PNG_CHUNKS:
+            return f"costly structure: PNG has more than {MAX_PNG_CHUNKS} chunks"
+    elif raw.startswith(b"RIFF") and raw[8:12] == b"WEBP":
+        metadata = _webp_extra_bytes(raw)
     elif raw[:4] in (b"II*\x00", b"MM\x00*"):
         strips = _strip_count(raw)
         if strips > MAX_TIFF_STRIPS:
             return f"costly structure: TIFF has {strips} strips or tiles (limit {MAX_TIFF_STRIPS})"
+    if metadata > MAX_METADATA_BYTES:
+        return f"metadata too large: {metadata} bytes of metadata (limit {MAX_METADATA_BYTES})"
     return None
 
 
-def _frame_size(raw: bytes) -> tuple[int, int]:
-    """A JPEG's (width, height) from its SOFn segment, found by walking the segments before the first scan."""
-    at = 2
-    while at + 9 <= len(raw) and raw[at] == 0xFF:
+def _jpeg_frame(raw: bytes) -> tuple[int, int, int]:
+    """A JPEG's width and height (SOFn) and its APPn + COM bytes, from the segments before the first scan."""
+    at, cols, rows, extra = 2, 0, 0, 0
+    while at + 4 <= len(raw) and raw[at] == 0xFF and raw[at + 1] != 0xDA:
         kind = raw[at + 1]
-        if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC):
+        if kind == 0xFF:
+            at += 1
+            continue
+        size = struct.unpack(">H", raw[at + 2:at + 4])[0]
+        if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC) and not cols and at + 9 <= len(raw):
             rows, cols = struct.unpack(">HH", raw[at + 5:at + 9])
-            return cols, rows
-        if kind == 0xDA:
-            return 0, 0
-        at += 1 if kind == 0xFF else 2 + struct.unpack(">H", raw[at + 2:at + 4])[0]
-    return 0, 0
+        extra += size if kind == 0xFE or 0xE0 <= kind <= 0xEF else 0
+        at += 2 + size
+    return cols, rows, extra
+
+
+def _png_layout(raw: bytes) -> tuple[int, int]:
+    """How many chunks a PNG has (counted up to one past the limit) and the bytes of its ancillary ones."""
+    at, count, extra = 8, 0, 0
+    while at + 8 <= len(raw) and count <= MAX_PNG_CHUNKS:
+        size, kind = struct.unpack(">I4s", raw[at:at + 8])
+        count += 1
+        extra += 0 if kind in (b"IHDR", b"PLTE", b"IDAT", b"IEND") else size
+        if kind == b"IEND":
+            break
+        at += size + 12
+    return count, extra
+
+
+def _webp_extra_bytes(raw: bytes) -> int:
+    """Bytes of the RIFF chunks of a WebP that hold no image data (EXIF, ICCP, XMP, unknown)."""
+    at, extra = 12, 0
+    while at + 8 <= len(raw):
+        kind, size = struct.unpack("<4sI", raw[at:at + 8])
+        extra += 0 if kind in (b"VP8 ", b"VP8L", b"VP8X", b"ALPH", b"ANIM", b"ANMF") else size
+        at += 8 + size + size % 2
+    return extra
 
 
 def _strip_count(raw: bytes) -> int:

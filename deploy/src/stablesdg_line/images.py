@@ -41,6 +41,13 @@ MAX_TEXT_CHUNK_BYTES = 256 * 1024
 MAX_TEXT_TOTAL_BYTES = 1024 * 1024
 MAX_TIFF_STRIPS = 65_536
 MAX_JPEG_SCANS = 64
+# Metadata a decoder reads and keeps (JPEG APPn/COM segments: EXIF, ICC, XMP; PNG ancillary chunks; WebP
+# EXIF/ICCP/XMP chunks): a camera writes tens of kB, an ICC profile is at most a few hundred.
+MAX_METADATA_BYTES = 1024 * 1024
+# Pillow handles every PNG chunk in Python: a 20 MB upload of 1-byte IDAT chunks is 1.6 M turns of that loop.
+MAX_PNG_CHUNKS = 65_536
+PNG_CRITICAL_CHUNKS = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+WEBP_IMAGE_CHUNKS = (b"VP8 ", b"VP8L", b"VP8X", b"ALPH", b"ANIM", b"ANMF")
 # Each progressive scan revisits every block of the image: a refinement scan of a few bytes over 36 MP costs
 # ~30 ms, so 60 of them 1.5 s from a 215 kB file. Scans x pixels is bounded too: 12 scans of a 40 MP frame.
 MAX_JPEG_SCAN_PIXELS = 480_000_000
@@ -166,21 +173,55 @@ def _jpeg_scans(data: bytes) -> int:
     return data.count(b"\xff\xda")
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the frame header, walking the marker segments before the first scan."""
-    pos = 2
-    while pos + 9 <= len(data) and data[pos] == 0xFF:
+def _jpeg_header(data: bytes) -> tuple[int, int, int]:
+    """(width, height, metadata bytes) from the marker segments before the first scan, the ones Pillow
+    parses and keeps (width and height 0 without a frame header: Pillow gives the reason). Metadata: the
+    APP0-APP15 and COM segments."""
+    pos, width, height, metadata = 2, 0, 0, 0
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if marker in JPEG_SOF_MARKERS:
-            height, width = struct.unpack_from(">HH", data, pos + 5)
-            return width, height
         if marker == 0xDA:
             break
-        pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
-    return 0, 0  # no frame header: Pillow gives the reason
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if marker in JPEG_SOF_MARKERS and pos + 9 <= len(data) and not width:
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+        if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+            metadata += length
+        pos += 2 + length
+    return width, height, metadata
+
+
+def _png_chunks(data: bytes) -> tuple[int, int]:
+    """(chunks, ancillary chunk bytes) of a PNG, walking chunk headers only; stops at a cut-short chunk."""
+    pos, chunks, metadata = 8, 0, 0
+    while pos + 8 <= len(data) and chunks <= MAX_PNG_CHUNKS:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunks += 1
+        if kind not in PNG_CRITICAL_CHUNKS:
+            metadata += length
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+    return chunks, metadata
+
+
+def _webp_metadata(data: bytes) -> int:
+    """Bytes of a WebP's RIFF chunks that are not image data (EXIF, ICCP, XMP, unknown)."""
+    pos, metadata = 12, 0
+    while pos + 8 <= len(data):
+        kind, length = struct.unpack_from("<4sI", data, pos)
+        if kind not in WEBP_IMAGE_CHUNKS:
+            metadata += length
+        pos += 8 + length + (length & 1)
+    return metadata
+
+
+def _too_much_metadata(kind: str, size: int) -> ImageRejected:
+    return ImageRejected(f"metadata too large: {kind} carries {size} bytes of metadata, above the limit of "
+                         f"{MAX_METADATA_BYTES}: refused before parsing")
 
 
 def _tiff_strips(data: bytes) -> int:
@@ -209,11 +250,24 @@ def check_structure(stream: BinaryIO) -> bytes:
         if scans > MAX_JPEG_SCANS:
             raise ImageRejected(f"JPEG has {scans} scans, above the limit of {MAX_JPEG_SCANS} (a progressive "
                                 "camera frame has about 10): refused before decoding")
-        width, height = _jpeg_size(data)
+        width, height, metadata = _jpeg_header(data)
         if scans * width * height > MAX_JPEG_SCAN_PIXELS:
             raise ImageRejected(f"JPEG has {scans} scans of {width}x{height} pixels, above the limit of "
                                 f"{MAX_JPEG_SCAN_PIXELS} scans x pixels (each scan decodes the whole image "
                                 "again): refused before decoding")
+        if metadata > MAX_METADATA_BYTES:
+            raise _too_much_metadata("JPEG", metadata)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        chunks, metadata = _png_chunks(data)
+        if chunks > MAX_PNG_CHUNKS:
+            raise ImageRejected(f"PNG has more than {MAX_PNG_CHUNKS} chunks (an encoder writes one per 8 kB "
+                                "or more): refused before parsing")
+        if metadata > MAX_METADATA_BYTES:
+            raise _too_much_metadata("PNG", metadata)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        metadata = _webp_metadata(data)
+        if metadata > MAX_METADATA_BYTES:
+            raise _too_much_metadata("WebP", metadata)
     if data[:4] in (b"II*\x00", b"MM\x00*") and (strips := _tiff_strips(data)) > MAX_TIFF_STRIPS:
         raise ImageRejected(f"TIFF has {strips} strips or tiles, above the limit of {MAX_TIFF_STRIPS}: "
                             "refused before parsing")
