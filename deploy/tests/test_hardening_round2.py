@@ -288,9 +288,9 @@ def test_hostile_structure_is_refused_before_decoding(rgb_model, tmp_path, cli, 
     assert row["class"] is None and reason in row["error"], row
 
 
-# A progressive JPEG within every structure limit (60 scans of 2800 x 2800: 470 M scans x pixels, under the
-# 480 M budget) whose refinement scans still cost ~0.3 s of CPU: only the decode deadline bounds it.
-SLOW_SIDE = 2800
+# A progressive JPEG within every structure limit (60 scans of 2580 x 2580: 399 M scans x pixels, under the
+# 400 M budget) whose refinement scans still cost ~0.4 s of CPU: only the decode deadline bounds it.
+SLOW_SIDE = 2580
 DEADLINE = "0.1"
 
 
