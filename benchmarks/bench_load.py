@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/bench_load.py                       # resnet18 exported here (random weights)
     .venv/bin/python benchmarks/bench_load.py --model models/classifier.onnx   # the exported champion
 
-Phases, all against one server process (default limits: 2 decode slots, 16 waiting, 64 MP per request):
+Phases, all against one server process (default limits: 2 decode slots, 16 waiting, 64 MP per request),
+run under RLIMIT_NOFILE 1024 (the usual default, issue 24):
 1. steady: 50 sequential requests after start-up, then the server's RSS is the steady-state reference;
 2. load: --clients threads x --requests requests each, one 200x200 grey PNG per request (a NEU-sized camera
-   image), keep-alive connections; latency p50/p90/p99/max, errors, RSS sampled every 0.1 s;
+   image), keep-alive connections; latency p50/p90/p99/max, errors, RSS sampled every 0.1 s. Meanwhile
+   --idle-connections (1100) idle connections are held open, each one the server closes is reopened;
 3. idle --idle seconds, then RSS again: it must be within 10% of the steady state;
 4. heavy (issue 14.2): each client sends 2 requests of one 6300x6300 PNG (39.7 MP, 39 kB) and one request of
    8 of them (317 MP, refused by the per-request pixel budget); latency, statuses, RSS peak and after idle.
