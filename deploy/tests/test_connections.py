@@ -8,6 +8,7 @@ import os
 import resource
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -280,3 +281,24 @@ def test_ten_19_mb_uploads_at_once_spool_at_most_max_spool_mb(rgb_model, tmp_pat
         assert all(b"not a recognised image" in a for a in answers)
         assert UPLOAD_MB * 2**20 <= peak[0] <= 64 * 2**20, peak[0] / 2**20  # before: 10 x 19 = 190 MB
         assert spooled_bytes(process.pid, spool) == 0  # every spool file is gone with its request
+
+
+FIT_IN_CHILD = ("import resource, sys; from stablesdg_line.connections import fit_connection_cap; "
+                "cap, why = fit_connection_cap(int(sys.argv[1])); "
+                "print(cap, resource.getrlimit(resource.RLIMIT_NOFILE)[0], why)")
+
+
+@pytest.mark.parametrize(("limits", "requested", "cap", "soft"), [
+    ((512, 4096), 512, 512, 512 + FD_RESERVE),  # soft limit raised towards the hard one, as far as needed
+    ((1024, 1024), 2000, 1024 - FD_RESERVE, 1024),  # no room to raise: the cap is lowered
+    ((256, 256), 512, 64, 256),  # a tiny limit still leaves a quarter of it to connections
+])
+def test_the_cap_raises_the_soft_limit_when_it_can_or_is_lowered(limits, requested, cap, soft):
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+    result = subprocess.run([sys.executable, "-c", FIT_IN_CHILD, str(requested)], capture_output=True,
+                            text=True, timeout=60, preexec_fn=preexec, check=True)
+    got_cap, got_soft, why = result.stdout.split(" ", 2)
+    assert (int(got_cap), int(got_soft)) == (cap, soft), result.stdout
+    assert f"at most {cap} open connections" in why
