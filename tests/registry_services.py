@@ -146,6 +146,19 @@ def setup_plant(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
         setup_accounts(registry.uri, MODEL, EXPERIMENT, ACCOUNTS)
 
 
+@contextmanager
+def plant_registry(root: Path) -> Iterator[Registry]:
+    """PostgreSQL + the server + the plant's accounts, all stopped at the end."""
+    with postgres() as pg_uri:
+        server = start_server(root, pg_uri)
+        try:
+            with pytest.MonkeyPatch.context() as m:
+                setup_plant(server, m)
+            yield server
+        finally:
+            stop_server(server)
+
+
 def http(registry, method: str, path: str, user: str, password: str, body: dict | None = None):
     """(status, parsed body) of one REST call with basic auth."""
     data = json.dumps(body).encode() if body is not None else None
