@@ -54,18 +54,19 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def export_resnet18(path: Path, size: int = 128, classes: int = 6) -> Path:
-    """A resnet18 classifier exported with the pipeline's own exporter (contract metadata included)."""
+def export_resnet18(path: Path, size: int = 128, classes: int = 6, seed: int = 0, version: str = "bench") -> Path:
+    """A resnet18 classifier (random weights from `seed`) exported with the pipeline's own exporter (contract
+    metadata included, `model_version` as given)."""
     import torch
     from torchvision.models import resnet18
 
     from stablesdg.export import export_onnx
     from stablesdg.preprocess import PreprocessSpec
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = resnet18(num_classes=classes)
     spec = PreprocessSpec(class_names=[f"class_{i}" for i in range(classes)], input_size=(size, size))
-    metadata = {"model_name": "resnet18-loadtest", "model_version": "bench", "data_hash": "none",
+    metadata = {"model_name": "resnet18-loadtest", "model_version": version, "data_hash": "none",
                 "weights_sha256": "none", "stablesdg_version": "bench"}
     return export_onnx(model, spec, path, opset=17, metadata=metadata)
 
