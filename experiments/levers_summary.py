@@ -21,16 +21,25 @@ CAPACITY = {"r16": "LoRA rank 16", "r64": "LoRA rank 64", "r4_200": "LoRA rank 4
             "full": "full U-Net fine-tuning (60 + 200 steps, lr 1e-4)"}
 
 
+# Whole synthetic sets at 200 px scored by `stablesdg evaluate` (OUT/<file>), after the 128 px one
+SETS_200 = {"r200_fid_per_class.json": "200 px, DDIM 10, search grid 0.4/0.55/0.7 (set r200 of the recognition rows)",
+            "r200g4_fid_per_class.json": "200 px, DDIM 10, search grid 0.4-0.85 (experiments/neu.params now)",
+            "strengthset_fid_per_class.json": "200 px, each image's strength drawn from 0.4/0.55/0.7/0.85 (DA-Fusion)"}
+
+
 def generation_rows() -> list[str]:
     """The pipeline's set before (128 px, detail from mixing.json) and after (200 px), against the test images."""
     before = json.loads((K10 / "fid_per_class.json").read_text())["per_class"]
     before_detail = json.loads((K10 / "mixing.json").read_text())["detail_ratio"]["searched"]
-    after = json.loads((OUT / "r200_fid_per_class.json").read_text())["per_class"]
-    classes = list(after)
+    sets = [("128 px, DDIM 10 (before)", before, before_detail)]
+    for file, name in SETS_200.items():
+        if (OUT / file).exists():
+            per = json.loads((OUT / file).read_text())["per_class"]
+            sets.append((name, per, {c: v["detail_ratio"] for c, v in per.items()}))
+    classes = list(sets[-1][1])
     lines = ["| synthetic set (60 per class, vs the 100 real test images per class) | "
              + " | ".join(classes) + " | mean |", "|---|" + "---:|" * (len(classes) + 1)]
-    for name, per, detail in (("128 px, DDIM 10 (before)", before, before_detail),
-                              ("200 px, DDIM 10 (adopted)", after, {c: after[c]["detail_ratio"] for c in classes})):
+    for name, per, detail in sets:
         cells = [f"{per[c]['fid_surface']:.1f} / {detail[c]:.2f}" for c in classes]
         mean = f"{np.mean([per[c]['fid_surface'] for c in classes]):.1f} / {np.mean([detail[c] for c in classes]):.2f}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
