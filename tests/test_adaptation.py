@@ -18,11 +18,11 @@ from stablesdg.adaptation import (
     ClassData,
     adapt_class,
     add_placeholder_token,
-    checkpoint_fingerprint,
     class_data,
     diffusion_loss,
     prompt_ids,
 )
+from stablesdg.adaptation_state import checkpoint_fingerprint
 from stablesdg.config import parse_params
 from stablesdg.diffusion import BaseModelError, load_base_pipeline, resolve_base_model
 from stablesdg.errors import AdaptationError, MissingInputError

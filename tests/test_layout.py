@@ -22,7 +22,7 @@ PKG = REPO / "src" / "stablesdg"
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
 # Over the limits today, each to be split (the list may only shrink; a new entry fails the test).
-LONG_MODULES: set[str] = {"stablesdg.adaptation"}  # 478 lines; issue 23 is changing it at the moment
+LONG_MODULES: set[str] = set()
 LONG_FUNCTIONS: set[str] = set()
 # The library modules that wrap MLflow for the stages and commands (runs, the registry, the shared registry
 # server it starts and the champion guard its basic-auth app loads): no click either.
