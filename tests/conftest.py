@@ -159,3 +159,140 @@ def tiny_world(tmp_path_factory):
     for cls in TINY_CLASSES:
         adapt_class(params, cls, processed, root / "adapters", checkpoint_root=root / "ckpt")
     return {"root": root, "processed": processed, "params_file": params_file, "params": params}
+
+
+MINI_CLASSES = {"crazing": {"initializer": "crack"}, "scratches": {"initializer": "line"}}
+
+
+def mini_arch():
+    """SD 1.5's layout (model_index with a safety checker, CLIP's 49408-token BPE, PNDM) at a size that builds in
+    a second: the builder's own code path, only the widths differ from ARCHS["sd15"]."""
+    from dataclasses import replace
+
+    from stablesdg.basemodels import ARCHS
+
+    return replace(
+        ARCHS["sd15"], name="mini", resolution=64,
+        unet={**ARCHS["sd15"].unet, "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 32,
+              "norm_num_groups": 16, "layers_per_block": 1, "sample_size": 8},
+        vae={**ARCHS["sd15"].vae, "block_out_channels": (16, 16, 32, 32), "norm_num_groups": 8, "sample_size": 64,
+             "layers_per_block": 1},
+        text={**ARCHS["sd15"].text, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "projection_dim": 32},
+    )
+
+
+@pytest.fixture(scope="session")
+def mini_folder(tmp_path_factory) -> Path:
+    """mini_arch() written by the real builder (random weights); tests that change it work on a copy."""
+    from stablesdg.basemodels import build_random_base
+
+    return build_random_base(mini_arch(), tmp_path_factory.mktemp("mini") / "sd", seed=1)
+
+
+ADAPT_CLASSES = ["crazing", "scratches"]
+
+
+def adapt_raw(**overrides) -> dict:
+    """Raw params of the adaptation tests: 6 + 6 steps of the tiny model, a checkpoint every 2."""
+    raw = tiny_run_params(6, 2, {"per_class": 5, "batch_size": 2, "steps": 4, "strength": 0.6, "use_search": False})
+    for key, value in overrides.items():
+        raw.setdefault(key, {}).update(value)
+    return raw
+
+
+def adapt_params(**overrides):
+    from stablesdg.config import parse_params
+
+    return parse_params(adapt_raw(**overrides))
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    """A real ingest of both ADAPT_CLASSES (8 demo images each, 48 px)."""
+    return make_processed(tmp_path_factory.mktemp("data"), ADAPT_CLASSES, per_class=8, size=48)
+
+
+def write_corpus(root, sources=("crazing", "patches", "scratches"), per_source=6, size=96):
+    """A small image corpus: one sub-folder per source (demo textures stand in for real surfaces)."""
+    from stablesdg.demo import demo_image
+
+    for source in sources:
+        (root / source).mkdir(parents=True, exist_ok=True)
+        for i in range(per_source):
+            demo_image(source, i, 11, size).save(root / source / f"{i}.png")
+    return root
+
+
+PRIOR_TINY = dict(resolution=32, vae_channels=(16, 32), latent_channels=4, unet_channels=(16, 32), text_hidden=32,
+                  vae_steps=3, vae_crop=16, vae_batch_size=2, unet_steps=3, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def prior_corpus(tmp_path_factory):
+    """Two sources of four 64 px demo images: the prior tests' corpus."""
+    from stablesdg.demo import demo_image
+
+    root = tmp_path_factory.mktemp("corpus")
+    for source in ("crazing", "patches"):
+        (root / source).mkdir()
+        for i in range(4):
+            demo_image(source, i, 5, 64).save(root / source / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_prior(prior_corpus, tmp_path_factory):
+    """The prior pretrained on prior_corpus with PRIOR_TINY: (its folder, its record)."""
+    from stablesdg.pretraining.prior import PriorRecipe, pretrain
+
+    out = tmp_path_factory.mktemp("prior") / "prior"
+    record = pretrain(PriorRecipe(**PRIOR_TINY), out, prior_corpus)
+    return out, record
+
+
+THREE_CLASSES = ["crazing", "patches", "scratches"]
+
+
+@pytest.fixture(scope="module")
+def surface_backbone(tmp_path_factory):
+    """A mobilenet_v3_small body pretrained one epoch on three 6-image sources: (model, stats, weights file)."""
+    from stablesdg.demo import demo_image
+    from stablesdg.pretraining.backbone import BackbonePretrainConfig, pretrain_backbone, save_body_weights
+    from stablesdg.pretraining.corpus import FolderCorpus
+
+    root = tmp_path_factory.mktemp("backbone")
+    for source in ("brodatz", "kolektorsdd", "aitex"):
+        (root / "corpus" / source).mkdir(parents=True)
+        for i in range(6):
+            demo_image(THREE_CLASSES[len(source) % 3], i, 3, 64).save(root / "corpus" / source / f"{i}.png")
+    corpus = FolderCorpus(root / "corpus", 32)
+    cfg = BackbonePretrainConfig(backbone="mobilenet_v3_small", input_size=32, epochs=1, batch_size=8)
+    model, stats = pretrain_backbone(corpus, cfg)
+    path = save_body_weights(model, root / "mnv3_surface.safetensors", {"backbone": cfg.backbone})
+    return model, stats, path
+
+
+def classifier_params(**classifier) -> object:
+    from stablesdg.config import parse_params
+
+    # these synthetic folders are demo images without a generate manifest: appended, unless a test says replace
+    cfg = {"backbone": "mobilenet_v3_small", "input_size": 48, "epochs": 3, "batch_size": 8,
+           "learning_rate": 0.003, "patience": 3, "repeats": 1, "synthetic_use": "append", **classifier}
+    return parse_params({"seed": 5, "classes": {c: {"initializer": "line"} for c in THREE_CLASSES}, "classifier": cfg})
+
+
+@pytest.fixture(scope="module")
+def classifier_data(tmp_path_factory):
+    """Real processed splits plus a synthetic folder (demo images of another seed stand in for generated ones)."""
+    from stablesdg.demo import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("clsdata")
+    processed = make_processed(root, THREE_CLASSES, per_class=10, size=64, k_shot=4)
+    write_demo_dataset(root / "synthetic_raw", THREE_CLASSES, 6, 64, seed=99)
+    synthetic = root / "synthetic"
+    for cls in THREE_CLASSES:
+        (synthetic / cls).mkdir(parents=True)
+        for i, src in enumerate(sorted((root / "synthetic_raw" / cls).iterdir())):
+            (synthetic / cls / f"{cls}_{i:05d}.png").write_bytes(src.read_bytes())
+    return processed, synthetic
