@@ -6,9 +6,18 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from stablesdg.classifier import ImageSet
+    from stablesdg.config import Params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -296,3 +305,83 @@ def classifier_data(tmp_path_factory):
         for i, src in enumerate(sorted((root / "synthetic_raw" / cls).iterdir())):
             (synthetic / cls / f"{cls}_{i:05d}.png").write_bytes(src.read_bytes())
     return processed, synthetic
+
+
+EXPORT_SIZE = 64
+
+
+def export_raw_params(**export) -> dict:
+    """Raw params of the export tests: mobilenet_v3_small at EXPORT_SIZE px, int8 on, 60 calibration images."""
+    return {"seed": 3, "classes": {c: {"initializer": "line"} for c in THREE_CLASSES},
+            "classifier": {"backbone": "mobilenet_v3_small", "input_size": EXPORT_SIZE},
+            "export": {"opset": 17, "quantize": True, "calibration_images": 60, **export}}
+
+
+def quick_model(train: ImageSet) -> nn.Module:
+    """Random weights with BatchNorm statistics of the train images: input-dependent logits, no training.
+
+    (A few SGD steps on 9 images collapse mobilenet_v3 to a constant output in eval mode.)
+    """
+    import torch
+    from torch import nn
+
+    from stablesdg.classifier import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("mobilenet_v3_small", len(THREE_CLASSES))
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.momentum = None  # cumulative average over the one pass below
+    with torch.no_grad():
+        model.train()(train.x)
+    return model.eval()
+
+
+@dataclass
+class Shipped:
+    root: Path
+    processed: Path
+    params: Params
+    model: nn.Module
+    test: ImageSet
+    summary: dict
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.root / "models" / "classifier.onnx"
+
+    def torch_top1(self) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(self.test.x).argmax(1).numpy()
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """Train-lite a champion, register it like `stablesdg train` does, export it once (int8 always kept)."""
+    import mlflow
+
+    from stablesdg import tracking
+    from stablesdg.classifier import load_images, make_spec, real_split
+    from stablesdg.config import parse_params
+    from stablesdg.registry import CHAMPION, client
+    from stablesdg.stages.export import export_champion
+    from stablesdg.stages.train import log_classifier
+
+    root = tmp_path_factory.mktemp("export")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.chdir(root)
+        processed = make_processed(root, THREE_CLASSES, per_class=12, size=EXPORT_SIZE)
+        params = parse_params(export_raw_params(max_accuracy_drop=100.0))
+        spec = make_spec(THREE_CLASSES, params.classifier)
+        model = quick_model(load_images(*real_split(processed, THREE_CLASSES, "train"), spec))
+        with tracking.stage_run("train", params, inputs=[processed]) as run:
+            uri = log_classifier(model, spec)
+        name = params.tracking.registered_model
+        data_tags = {k: v for k, v in mlflow.get_run(run.info.run_id).data.tags.items() if k.startswith("data_")}
+        version = mlflow.register_model(uri, name, tags=data_tags)
+        client().set_registered_model_alias(name, CHAMPION, version.version)
+        summary = export_champion(params, processed, root / "models" / "classifier.onnx", root / "models" / "quantized")
+        test = load_images(*real_split(processed, THREE_CLASSES, "test"), spec)
+        yield Shipped(root, processed, params, model, test, summary)
