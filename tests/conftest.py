@@ -131,6 +131,16 @@ def registry(tmp_path_factory):
             stop_server(server)
 
 
+@pytest.fixture
+def shared_version(registry, monkeypatch, tmp_path) -> str:
+    """One version published to the shared registry (a stand-in file: the registry does not read it)."""
+    from registry_services import publish
+
+    model = tmp_path / "classifier.onnx"
+    model.write_bytes(b"not really onnx, the registry does not care")
+    return publish(registry, monkeypatch, model, 0.9, "a" * 40)
+
+
 def invoke(command, args: list) -> str:
     """Run a click command in-process (click's CliRunner); fails the test with the output on a non-zero exit."""
     from click.testing import CliRunner
@@ -385,3 +395,51 @@ def shipped(tmp_path_factory):
         summary = export_champion(params, processed, root / "models" / "classifier.onnx", root / "models" / "quantized")
         test = load_images(*real_split(processed, THREE_CLASSES, "test"), spec)
         yield Shipped(root, processed, params, model, test, summary)
+
+
+REGISTRY_NAME = "steel-defect-classifier"
+
+
+def registry_params() -> object:
+    from stablesdg.config import parse_params
+
+    return parse_params({
+        "seed": 7, "classes": {c: {"initializer": "line"} for c in THREE_CLASSES},
+        "classifier": {"backbone": "mobilenet_v3_small", "input_size": 48, "epochs": 4, "batch_size": 8,
+                       "learning_rate": 0.003, "patience": 4, "repeats": 1},
+    })
+
+
+@pytest.fixture(scope="module")
+def registry_trained(tmp_path_factory):
+    """Two real datasets (different test sets) and one trained classifier."""
+    from stablesdg.classifier import train_classifier
+    from stablesdg.comparison import load_splits
+
+    root = tmp_path_factory.mktemp("regdata")
+    params = registry_params()
+    processed = make_processed(root / "a", THREE_CLASSES, per_class=10, size=64, k_shot=4, seed=0)
+    other = make_processed(root / "b", THREE_CLASSES, per_class=10, size=64, k_shot=4, seed=1)
+    splits = load_splits(processed, root / "no-synthetic", params)
+    other_splits = load_splits(other, root / "no-synthetic", params)
+    model = train_classifier(splits.train, splits.val, splits.spec, params.classifier, params.seed).model
+    return params, splits, other_splits, model
+
+
+def log_and_register(model, splits, params, variant: str, **card):
+    """Log `model` as a training run exactly as the train stage does, then apply the registry policy."""
+    from stablesdg.classifier import TrainResult, evaluate
+    from stablesdg.comparison import VariantResult, scorer_on_test_set
+    from stablesdg.registry import ComparisonSet, Evidence, register_best
+    from stablesdg.stages.train import log_classifier
+    from stablesdg.tracking import stage_run
+
+    tags = {"variant": variant, "test_set_sha256": splits.test_hash}
+    with stage_run("train", params, inputs=[splits.root], run_name=variant, extra_tags=tags) as run:
+        uri = log_classifier(model, splits.spec)
+    result = VariantResult(variant, evaluate(model, splits.test, len(THREE_CLASSES)), TrainResult(model),
+                           run.info.run_id, uri, splits.test_hash, len(splits.train), 0, len(splits.train))
+    test = ComparisonSet(splits.test_hash, splits.spec, scorer_on_test_set(splits))
+    evidence = Evidence(splits.root, **card)
+    return result, register_best(params.tracking.registered_model, params.classifier, [result], test, None,
+                                 run.info.run_id, evidence)
