@@ -66,6 +66,30 @@ def make_project(dest: Path, params_yaml: str | None = None) -> Path:
     return dest
 
 
+def small_params(classes: list[str] | None = None, **sections: dict) -> str:
+    """This repo's params.yaml with the smallest settings a whole `dvc repro` trains with (minutes on 2 cores),
+    for `classes` only (default: all six); `sections` update top-level blocks (e.g. data={"source": ...})."""
+    import yaml
+
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["data"].update({"image_size": 64, "k_shot": 4, "val_per_class": 4, "test_per_class": 6})
+    raw["data"]["demo"] = {"per_class": 14, "size": 64}
+    raw["model"]["resolution"] = 32
+    raw["adapt"]["embedding"]["steps"] = 4
+    raw["adapt"]["lora"]["steps"] = 4
+    raw["adapt"]["checkpoint_every"] = 2
+    raw["search"].update({"strength": [0.4, 0.7], "guidance_scale": [3.0], "steps": [4], "images_per_trial": 4,
+                          "refine": False})
+    raw["generate"].update({"per_class": 6, "steps": 4, "resolution": 48})
+    raw["classifier"].update({"input_size": 64, "epochs": 3, "batch_size": 16, "repeats": 1})
+    raw["export"]["calibration_images"] = 12
+    if classes is not None:
+        raw["classes"] = {c: raw["classes"][c] for c in classes}
+    for key, values in sections.items():
+        raw[key].update(values)
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """One intra-op thread: results do not depend on the core count, and two threads on a 2-core machine that
@@ -118,17 +142,10 @@ def tiny_run_params(adapt_steps: int, checkpoint_every: int, generate: dict, **e
 def registry(tmp_path_factory):
     """A real shared registry for the session: PostgreSQL 15 + `mlflow server --app-name basic-auth`, with the
     plant's accounts (tests/registry_services.py)."""
-    from registry_services import postgres, setup_plant, start_server, stop_server
+    from registry_services import plant_registry
 
-    root = tmp_path_factory.mktemp("registry")
-    with postgres() as pg_uri:
-        server = start_server(root, pg_uri)
-        try:
-            with pytest.MonkeyPatch.context() as m:
-                setup_plant(server, m)
-            yield server
-        finally:
-            stop_server(server)
+    with plant_registry(tmp_path_factory.mktemp("registry")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -110,9 +110,9 @@ def wait_healthy(uri: str, process: subprocess.Popen, log: Path, timeout: float 
     raise AssertionError(f"mlflow server not healthy after {timeout}s:\n{log.read_text()[-4000:]}")
 
 
-def start_server(root: Path, pg_uri: str, port: int | None = None) -> Registry:
+def start_server(root: Path, pg_uri: str, port: int | None = None, auth_cache_ttl_s: int = 0) -> Registry:
     port = port or free_port()
-    config = auth_config(root / "basic_auth.ini", f"{pg_uri}/mlflow_auth")
+    config = auth_config(root / "basic_auth.ini", f"{pg_uri}/mlflow_auth", auth_cache_ttl_s=auth_cache_ttl_s)
     env = server_env(config, {**os.environ, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
                               "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD})
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -144,6 +144,19 @@ def setup_plant(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
         for key, value in registry.env("admin", ADMIN_PASSWORD).items():
             m.setenv(key, value)
         setup_accounts(registry.uri, MODEL, EXPERIMENT, ACCOUNTS)
+
+
+@contextmanager
+def plant_registry(root: Path, auth_cache_ttl_s: int = 0) -> Iterator[Registry]:
+    """PostgreSQL + the server + the plant's accounts, all stopped at the end."""
+    with postgres() as pg_uri:
+        server = start_server(root, pg_uri, auth_cache_ttl_s=auth_cache_ttl_s)
+        try:
+            with pytest.MonkeyPatch.context() as m:
+                setup_plant(server, m)
+            yield server
+        finally:
+            stop_server(server)
 
 
 def http(registry, method: str, path: str, user: str, password: str, body: dict | None = None):

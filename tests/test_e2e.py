@@ -15,28 +15,12 @@ import shutil
 import mlflow
 import pytest
 import yaml
-from conftest import REPO_ROOT, make_project, run_cli
+from conftest import make_project, run_cli, small_params
 
 pytestmark = pytest.mark.slow
 
 CLASSES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
 PER_CLASS_STAGES = ("adapt", "search", "generate")
-
-
-def _small_params() -> str:
-    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    raw["data"].update({"image_size": 64, "k_shot": 4, "val_per_class": 4, "test_per_class": 6})
-    raw["data"]["demo"] = {"per_class": 14, "size": 64}
-    raw["model"]["resolution"] = 32
-    raw["adapt"]["embedding"]["steps"] = 4
-    raw["adapt"]["lora"]["steps"] = 4
-    raw["adapt"]["checkpoint_every"] = 2
-    raw["search"].update({"strength": [0.4, 0.7], "guidance_scale": [3.0], "steps": [4], "images_per_trial": 4,
-                          "refine": False})
-    raw["generate"].update({"per_class": 6, "steps": 4, "resolution": 48})
-    raw["classifier"].update({"input_size": 64, "epochs": 3, "batch_size": 16, "repeats": 1})
-    raw["export"]["calibration_images"] = 12
-    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def _ran(output: str) -> set[str]:
@@ -55,7 +39,7 @@ def _set_param(root, dotted: str, value) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = make_project(tmp_path_factory.mktemp("e2e"), _small_params())
+    root = make_project(tmp_path_factory.mktemp("e2e"), small_params())
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     first = run_cli(["dvc", "repro"], root, env)
     return root, env, first

@@ -126,10 +126,20 @@ def test_runtime_refuses_a_tampered_model(shipped, tmp_path):
     (0.85, 0.80, 4.99, "rejected"),
 ])
 def test_int8_gate(fp32, int8, max_drop, decision):
-    gate = int8_gate(fp32, int8, max_drop)
+    gate = int8_gate(fp32, int8, max_drop, n_test=500)
     assert gate.decision == decision and gate.kept == (decision == "kept")
     assert gate.accuracy_drop_points == pytest.approx((fp32 - int8) * 100)
     assert f"{max_drop:g}" in gate.reason
+    assert gate.one_image_points == 0.2 and "1 of 500 test images = 0.20 points" in gate.reason
+    assert gate.margin_images == pytest.approx((max_drop - (fp32 - int8) * 100) / 0.2)
+
+
+def test_int8_gate_says_when_one_test_image_decides():
+    # the default demo: 120 test images, so one image is 0.83 points, more than the 0.5-point limit
+    gate = int8_gate(0.85, 0.85, 0.5, n_test=120)
+    assert gate.kept and gate.margin_images == 0.6 and "within one image of flipping" in gate.reason
+    wide = int8_gate(0.90, 0.90, 2.0, n_test=500)
+    assert wide.margin_images == 10.0 and "within one image" not in wide.reason
 
 
 def test_kept_int8_model_is_tagged_checked_and_runs_on_the_line(shipped):

@@ -84,3 +84,17 @@ def test_full_range_16_bit_is_stretched_on_the_line_not_clipped():
     assert img.mode == "I;16"
     plane = np.asarray(line.images.to_channel_mode(img, "L"))
     assert (plane == 255).mean() < 0.01 and plane.min() == 0 and plane.max() == 255
+
+
+def test_ingest_and_the_line_bound_a_files_parse_cost_with_the_same_limits():
+    """The two packages cannot import each other, so data.py keeps its own copy of the line's limits: kept equal."""
+    from PIL import PngImagePlugin
+    from stablesdg_line import images
+
+    import stablesdg.data as data
+
+    for name in ("ALLOWED_FORMATS", "MAX_JPEG_SCANS", "MAX_JPEG_SCAN_PIXELS", "MAX_TIFF_STRIPS",
+                 "MAX_METADATA_BYTES", "MAX_PNG_CHUNKS"):
+        assert getattr(data, name) == getattr(images, name), name
+    assert (PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY) == (
+        images.MAX_TEXT_CHUNK_BYTES, images.MAX_TEXT_TOTAL_BYTES)

@@ -5,7 +5,8 @@ must contain on the line (`classify`, `watch`, HTTP) and at ingest (`stablesdg d
 also gets valid files in unusual encodings, which every channel must still classify / keep.
 
 Used by deploy/tests/test_bad_input_corpus.py (classify, watch, HTTP) and tests/test_ingest_corpus.py
-(ingest).
+(ingest); `corpus_summary` counts one channel's results (crashes, valid files lost, duplicate rows, each
+refusal with its reason) and `assert_clean` holds it to zero.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class Case:
     name: str
     line: str  # word(s) the line runtime's per-file error contains
     ingest: str  # word(s) the ingest quarantine reason contains
-    kind: str = "file"  # file: bytes on disk (all channels); special: FIFO/link/permission (no HTTP upload)
+    kind: str = "file"  # file: bytes on disk (all channels); special: FIFO/link/permission, name: an odd file
+    # name (both: no HTTP upload, the HTTP channel has no file names of its own)
     watch: str | None = None  # watch differs: "ignored" (documented: left alone, logged once at -v)
 
 
@@ -112,6 +114,7 @@ def malformed_bytes() -> dict[str, tuple[bytes, str, str]]:
         "header_only.png": (png[:33], "not a recognised image", "not an image"),
         "bomb.tif": (_tiff_header(100_000, 100_000), "bomb", "bomb"),
         "bomb.bmp": (_bmp_header(60_000, 60_000), "bomb", "bomb"),
+        **hostile_corpus(),
     }
 
 
@@ -137,6 +140,14 @@ def valid_unusual() -> dict[str, bytes]:
         "ok_progressive.jpg": _encode(img, "JPEG", progressive=True, quality=90),
         "ok_gray.webp": _encode(img.convert("L"), "WEBP", lossless=True),
         "ok_multiframe.tif": multi.getvalue(),
+        # issue 24: within every structure limit, however unusual
+        "ok_3000_idat.png": _many_idat(3000),
+        "ok_apng.png": _frames("PNG", 3),
+        "ok_animated.webp": _frames("WEBP", 3, lossless=True),
+        "ok_exif_icc.jpg": _encode(img, "JPEG", quality=90, icc_profile=b"\x00" * 200_000,
+                                   exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x00"),
+        "ok_60_scans_small.jpg": jpeg_with_scans(50),
+        "ok_png_named.jpg": _encode(noisy(40), "PNG"),
     }
 
 
@@ -147,6 +158,9 @@ def write_corpus(folder: Path, sparse_mb: int = 70) -> tuple[list[Case], list[st
     for name, (data, line, ingest) in malformed_bytes().items():
         (folder / name).write_bytes(data)
         cases.append(Case(name, line, ingest))
+    for name, (data, line, ingest) in odd_names().items():
+        (folder / name).write_bytes(data)
+        cases.append(Case(name, line, ingest, "name"))
     os.mkfifo(folder / "camera_pipe.png")
     cases.append(Case("camera_pipe.png", "not a regular file (FIFO)", "not a regular file (FIFO)", "special",
                       watch="ignored"))
@@ -212,6 +226,15 @@ def jpeg_with_scans(repeats: int) -> bytes:
     return jpg[:last_sos] + jpg[last_sos:-2] * repeats + b"\xff\xd9"
 
 
+def slow_progressive_jpeg(side: int, scans: int = 60) -> bytes:
+    """A flat progressive JPEG whose first luma AC refinement scan is repeated up to `scans` scans: each copy
+    is a few bytes that make libjpeg visit every block again (6000 px: 215 kB, 1.5 s of CPU)."""
+    jpg = _encode(Image.new("RGB", (side, side), (120, 120, 120)), "JPEG", progressive=True, quality=90)
+    starts = [i for i in range(len(jpg) - 1) if jpg[i] == 0xFF and jpg[i + 1] == 0xDA]
+    refine = jpg[starts[5]:starts[6]]  # libjpeg's simple progression: scan 5 refines Y AC 1-63
+    return jpg[:-2] + refine * (scans - len(starts)) + b"\xff\xd9"
+
+
 def hostile_bytes() -> dict[str, tuple[bytes, str]]:
     """name -> (content, reason word): files whose header parsing alone costs seconds or a GB (issue 24.1)."""
     inflating = zlib.compress(b"A" * (8 * 2**20), 9)  # 8 KB on the wire, 8 MB once inflated
@@ -224,4 +247,233 @@ def hostile_bytes() -> dict[str, tuple[bytes, str]]:
         "huge_text_chunk.png": (png_with_text([(b"tEXt", b"k\x00" + b"v" * (2 * 2**20))]), "metadata"),
         "strips_100k.tif": (tiff_with_strips(100_000), "strips"),
         "scans_500.jpg": (jpeg_with_scans(500), "scans"),
+        "scan_budget.jpg": (slow_progressive_jpeg(6000), "scans x pixels"),
     }
+
+
+# --------------------------------------------------------------------- issue 24: the hostile-header corpus
+def _png_file(chunks: list[tuple[bytes, bytes]], size: tuple[int, int] = (8, 8),
+              ihdr: bytes | None = None) -> bytes:
+    """A PNG made of the given chunks between IHDR and IEND (IDAT of a flat image unless given)."""
+    width, height = size
+    header = ihdr if ihdr is not None else struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    if not any(kind == b"IDAT" for kind, _ in chunks):
+        chunks = [*chunks, (b"IDAT", zlib.compress((b"\x00" + b"\x80" * (3 * width)) * height))]
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + b"".join(_png_chunk(kind, data) for kind, data in chunks) + _png_chunk(b"IEND", b""))
+
+
+def _jpeg_segments(segments: list[tuple[int, bytes]], **save) -> bytes:
+    """A small JPEG with extra marker segments (marker, payload) right after SOI."""
+    jpg = _encode(noisy(32), "JPEG", quality=85, **save)
+    extra = b"".join(bytes([0xFF, marker]) + struct.pack(">H", len(data) + 2) + data
+                     for marker, data in segments)
+    return jpg[:2] + extra + jpg[2:]
+
+
+def _jpeg_sof(width: int, height: int) -> bytes:
+    """A baseline JPEG whose frame header is rewritten to claim width x height."""
+    jpg = bytearray(_encode(noisy(32), "JPEG", quality=85))
+    sof = jpg.index(b"\xff\xc0")
+    struct.pack_into(">HH", jpg, sof + 5, height, width)
+    return bytes(jpg)
+
+
+def _tiff_entries(entries: list[tuple[int, int, int, int]], order: str = "<",
+                  pixels: bytes = b"\x80" * 64) -> bytes:
+    """A classic TIFF with one IFD of (tag, type, count, value) entries after 8 + len(pixels) bytes."""
+    magic = b"II*\x00" if order == "<" else b"MM\x00*"
+    ifd_at = 8 + len(pixels)
+    ifd = struct.pack(order + "H", len(entries)) + b"".join(struct.pack(order + "HHII", *e) for e in entries)
+    return magic + struct.pack(order + "I", ifd_at) + pixels + ifd + b"\0" * 4
+
+
+def _tiff_basic(compression: int = 1, **overrides: int) -> bytes:
+    tags = {256: 8, 257: 8, 258: 8, 259: compression, 262: 1, 273: 8, 277: 1, 278: 8, 279: 64}
+    tags.update({int(k[1:]): v for k, v in overrides.items()})
+    return _tiff_entries([(tag, 3 if tag in (258, 259, 262, 277) else 4, 1, value)
+                          for tag, value in sorted(tags.items())])
+
+
+def _tiled_tiff(tiles: int, order: str = "<") -> bytes:
+    """A TIFF whose TileOffsets / TileByteCounts list `tiles` tiles (16 x 16 each)."""
+    side = 16 * int(tiles ** 0.5 + 1)
+    offsets_at = 8 + 16
+    counts_at = offsets_at + 4 * tiles
+    entries = [(256, 4, 1, side), (257, 4, 1, side), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (277, 3, 1, 1), (322, 4, 1, 16), (323, 4, 1, 16), (324, 4, tiles, offsets_at),
+               (325, 4, tiles, counts_at)]
+    arrays = struct.pack(f"{order}{tiles}I", *([8] * tiles))
+    arrays += struct.pack(f"{order}{tiles}I", *([16] * tiles))
+    return _tiff_entries(entries, order, pixels=b"\x80" * 16 + arrays)
+
+
+def _bmp(width: int = 8, height: int = 8, bits: int = 24, header_size: int = 40, offset: int = 54,
+         colors: int = 0, compression: int = 0, data: bytes | None = None) -> bytes:
+    info = struct.pack("<IiiHHIIiiII", header_size, width, height, 1, bits, compression, 0, 2835, 2835,
+                       colors, 0)
+    pixels = data if data is not None else b"\x80" * (abs(width) * 3 + 3) * abs(height)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info) + len(pixels), 0, 0, offset) + info + pixels
+
+
+def _webp_chunks(extra: list[tuple[bytes, bytes]]) -> bytes:
+    """A lossless WebP (VP8X form) with extra RIFF chunks after its image data."""
+    webp = _encode(noisy(16), "WEBP", lossless=True)
+    body = webp[12:] + b"".join(kind + struct.pack("<I", len(data)) + data + b"\0" * (len(data) & 1)
+                                for kind, data in extra)
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+
+
+def _frames(fmt: str, count: int, **save) -> bytes:
+    frames = [Image.new("RGB", (16, 16), (i % 256, 0, 0)) for i in range(count)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], **save)
+    return buffer.getvalue()
+
+
+NOT_RECOGNISED = ("not a recognised image", "not an image")
+CANNOT_DECODE = ("cannot decode image data", "unreadable or truncated")
+CANNOT_OPEN = ("cannot open image", "unreadable or truncated")
+METADATA = ("metadata too large", "metadata too large")
+
+
+def _many_idat(chunks: int) -> bytes:
+    """A valid 8 x 8 PNG whose image data is split into `chunks` IDAT chunks (empty ones after the data)."""
+    raw = zlib.compress((b"\x00" + b"\x80" * 24) * 8)
+    parts = [raw[i:i + 1] for i in range(len(raw))]
+    return _png_file([(b"IDAT", part) for part in parts + [b""] * (chunks - len(parts))])
+
+
+def _webp_claiming(width: int, height: int) -> bytes:
+    vp8l = b"\x2f" + struct.pack("<I", (width - 1) | ((height - 1) << 14)) + b"\0" * 16
+    return b"RIFF" + struct.pack("<I", 12 + len(vp8l)) + b"WEBPVP8L" + struct.pack("<I", len(vp8l)) + vp8l
+
+
+def _bad_huffman_jpeg() -> bytes:
+    jpg = _encode(noisy(32), "JPEG", quality=85)
+    table = jpg.index(b"\xff\xc4")
+    return jpg[:table + 5] + b"\xff" * 16 + jpg[table + 21:]
+
+
+def hostile_corpus() -> dict[str, tuple[bytes, str, str]]:
+    """name -> (content, line reason, ingest reason): hostile headers of every allowed format (issue 24),
+    each refused before or while parsing, at no more cost than a small image."""
+    inflating = zlib.compress(b"A" * (8 * 2**20), 9)  # 8 KB on the wire, 8 MB once inflated
+    inflating_200k = zlib.compress(b"B" * 200_000)
+    stored_2mb = zlib.compress(b"C" * (2 * 2**20), 0)
+    png = _encode(noisy(), "PNG")
+    jpg = _encode(noisy(32), "JPEG", quality=85)
+    progressive = _encode(noisy(), "JPEG", progressive=True, quality=90)
+    ihdr = lambda depth, colour, interlace: struct.pack(">IIBBBBB", 8, 8, depth, colour, 0, 0, interlace)  # noqa: E731
+    cases = {name: (data, reason, reason) for name, (data, reason) in hostile_bytes().items()}
+    cases.update({
+        # PNG: text, ICC, EXIF and private chunks, chunk counts, broken headers
+        "ztxt_many_inflating.png": (png_with_text([(b"zTXt", b"k%d\x00\x00" % i + inflating_200k)
+                                                   for i in range(8)]), *METADATA),
+        "iccp_inflates.png": (_png_file([(b"iCCP", b"icc\x00\x00" + inflating)]), *METADATA),
+        "iccp_huge.png": (_png_file([(b"iCCP", b"icc\x00\x00" + stored_2mb)]), *METADATA),
+        "exif_huge.png": (_png_file([(b"eXIf", b"MM\x00*" + b"\x00" * (2 * 2**20))]), *METADATA),
+        "private_chunk_huge.png": (_png_file([(b"prVt", b"\x00" * (2 * 2**20))]), *METADATA),
+        "text_chunks_70k.png": (_png_file([(b"tEXt", b"k\x00v")] * 70_000), "chunks", "chunks"),
+        "idat_70k.png": (_many_idat(70_000), "chunks", "chunks"),
+        "chunk_length_huge.png": (png[:33] + struct.pack(">I", 0x7FFFFFF0) + b"IDAT" + b"\x00" * 64,
+                                  *CANNOT_DECODE),
+        "bad_bit_depth.png": (_png_file([], ihdr=ihdr(7, 2, 0)), *NOT_RECOGNISED),
+        "bad_colour_type.png": (_png_file([], ihdr=ihdr(8, 5, 0)), *NOT_RECOGNISED),
+        "bad_interlace.png": (_png_file([], ihdr=ihdr(8, 2, 9)), *CANNOT_DECODE),
+        "ihdr_bad_crc.png": (png[:29] + b"\x00\x00\x00\x00" + png[33:], *NOT_RECOGNISED),
+        "no_idat.png": (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr(8, 2, 0)) + _png_chunk(b"IEND", b""),
+                        *CANNOT_DECODE),
+        "idat_not_zlib.png": (_png_file([(b"IDAT", b"\x00" * 64)]), *CANNOT_DECODE),
+        "idat_short.png": (_png_file([(b"IDAT", zlib.compress(b"\x00\x80\x80"))], size=(64, 64)),
+                           *CANNOT_DECODE),
+        # JPEG: scans, EXIF / ICC / comment bombs, frame headers, segments
+        "scans_65.jpg": (jpeg_with_scans(56), "scans", "scans"),
+        "app1_exif_many.jpg": (_jpeg_segments([(0xE1, b"Exif\x00\x00" + b"\x00" * 60_000)] * 40), *METADATA),
+        "icc_huge.jpg": (_encode(noisy(32), "JPEG", icc_profile=b"\x00" * (4 * 2**20)), *METADATA),
+        "comment_huge.jpg": (_jpeg_segments([(0xFE, b"c" * 65_000)] * 20), *METADATA),
+        "sof_65535.jpg": (_jpeg_sof(65535, 65535), "scans x pixels", "scans x pixels"),
+        "sof_zero_height.jpg": (_jpeg_sof(32, 0), *NOT_RECOGNISED),
+        "no_scan.jpg": (jpg[:jpg.index(b"\xff\xda")] + b"\xff\xd9", *CANNOT_DECODE),
+        "truncated_app0.jpg": (b"\xff\xd8\xff\xe0\x00\x10JFIF", *CANNOT_OPEN),
+        "segment_length_huge.jpg": (b"\xff\xd8\xff\xe1\xff\xff" + b"\x00" * 100, *CANNOT_OPEN),
+        "truncated_progressive.jpg": (progressive[:len(progressive) // 2], *CANNOT_DECODE),
+        "bad_huffman.jpg": (_bad_huffman_jpeg(), *CANNOT_DECODE),
+        # TIFF: strips and tiles, IFDs, compression, sample depth
+        "tiles_100k.tif": (_tiled_tiff(100_000), "strips or tiles", "strips or tiles"),
+        "tiles_100k_big_endian.tif": (_tiled_tiff(100_000, ">"), "strips or tiles", "strips or tiles"),
+        "strips_65537.tif": (tiff_with_strips(65_537), "strips or tiles", "strips or tiles"),
+        "ifd_offset_beyond.tif": (b"II*\x00" + struct.pack("<I", 10_000_000) + b"\x00" * 64, *NOT_RECOGNISED),
+        "unknown_compression.tif": (_tiff_basic(compression=99), *NOT_RECOGNISED),
+        "ifd_truncated.tif": (_tiff_basic()[:80], *NOT_RECOGNISED),
+        "bits_per_sample_99.tif": (_tiff_basic(t258=99), *NOT_RECOGNISED),
+        # GIF (not an allowed format, whatever the name) and WebP
+        "gif_300_frames.png": (_frames("GIF", 300), *NOT_RECOGNISED),
+        "gif_animated.jpg": (_frames("GIF", 2), *NOT_RECOGNISED),
+        "webp_exif_huge.webp": (_webp_chunks([(b"EXIF", b"\x00" * (2 * 2**20))]), *METADATA),
+        "webp_xmp_huge.webp": (_webp_chunks([(b"XMP ", b"<x/>" * 300_000)]), *METADATA),
+        "webp_cut_riff.webp": (_encode(noisy(), "WEBP", quality=80)[:60], *CANNOT_OPEN),
+        "webp_bad_vp8.webp": (b"RIFF" + struct.pack("<I", 76) + b"WEBPVP8 " + struct.pack("<I", 64)
+                              + b"\x00" * 64, *CANNOT_OPEN),
+        "webp_16383_squared.webp": (_webp_claiming(16383, 16383), "bomb", "bomb"),
+        # BMP: odd headers
+        "bmp_zero_bits.bmp": (_bmp(bits=0), *CANNOT_OPEN),
+        "bmp_bits_7.bmp": (_bmp(bits=7), *CANNOT_OPEN),
+        "bmp_header_size_huge.bmp": (_bmp(header_size=0x7FFFFFFF), *CANNOT_OPEN),
+        "bmp_palette_huge.bmp": (_bmp(bits=8, colors=0x7FFFFFFF), *CANNOT_OPEN),
+        "bmp_offset_beyond.bmp": (_bmp(offset=10_000_000), *CANNOT_DECODE),
+        "bmp_rle_truncated.bmp": (_bmp(bits=8, compression=1, data=b"\x05"), "not enough image data",
+                                  "not enough image data"),
+        "bmp_bad_compression.bmp": (_bmp(compression=42), *CANNOT_OPEN),
+        "bmp_header_only.bmp": (_bmp()[:20], *CANNOT_OPEN),
+        "bmp_negative_size.bmp": (_bmp(width=-8, height=-8), "bomb", "bomb"),
+        # wrong extensions: the content decides, and so does its fault
+        "truncated_png_named.tif": (png[:3500], *CANNOT_DECODE),
+        "truncated_jpeg_named.png": (_encode(noisy(), "JPEG")[:1000], *CANNOT_DECODE),
+    })
+    return cases
+
+
+def odd_names() -> dict[str, tuple[bytes, str, str]]:
+    """Refused files whose names have odd bytes: the row and the reason must survive the name."""
+    text = b"not an image, name test "
+    return {
+        os.fsdecode(b"camera\xff\xfe_bad.png"): (text + b"1", *NOT_RECOGNISED),
+        "line\nbreak.jpg": (text + b"2", *NOT_RECOGNISED),
+        "-rf --help.png": (text + b"3", *NOT_RECOGNISED),
+        "spaces and \u00fcn\u00efc\u00f6d\u00e9.bmp": (text + b"4", *NOT_RECOGNISED),
+        "$(reboot);`id`.tif": (text + b"5", *NOT_RECOGNISED),
+        "tab\tand\x1b[31mescape.webp": (text + b"6", *NOT_RECOGNISED),
+    }
+
+
+def corpus_summary(cases: list[Case], valid: list[str], outcomes: dict[str, list[str | None]], crashes: int,
+                   expected) -> dict:
+    """One channel's count of the corpus. `outcomes`: each name -> the error of every row or answer it got
+    (None: classified); `expected(case)`: the word its error must contain, or None where the channel leaves
+    the file alone (watch and FIFOs). A refusal counts only with its reason."""
+    refusals: dict[str, str] = {}
+    wrong_reason: dict[str, str | None] = {}
+    missing = []
+    for case in cases:
+        want, got = expected(case), outcomes.get(case.name, [])
+        if want is None:
+            continue
+        if not got:
+            missing.append(case.name)
+        elif got[0] is not None and want in got[0]:
+            refusals[case.name] = got[0]
+        else:
+            wrong_reason[case.name] = got[0]
+    return {"cases": len(cases), "refused": len(refusals), "crashes": crashes, "valid_files": len(valid),
+            "valid_lost": sorted(n for n in valid if None not in outcomes.get(n, [])),
+            "duplicates": sorted(n for n, got in outcomes.items() if len(got) > 1),
+            "wrong_reason": wrong_reason, "missing": sorted(missing), "refusals": refusals}
+
+
+def assert_clean(summary: dict, refused: int) -> None:
+    """crashes 0, valid files lost 0, duplicates 0, and `refused` refusals, each with its reason."""
+    brief = {k: v for k, v in summary.items() if k != "refusals"}
+    assert summary["crashes"] == 0 and summary["valid_lost"] == [] and summary["duplicates"] == [], brief
+    assert summary["wrong_reason"] == {} and summary["missing"] == [], brief
+    assert summary["refused"] == refused and all(summary["refusals"].values()), brief

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from badinputs import hostile_bytes
+from badinputs import hostile_bytes, slow_progressive_jpeg
 from corpus import RED, image_bytes
 from onnx import TensorProto, helper, numpy_helper
 from onnx_models import OPSET, RGB, build_model, write_model
@@ -286,3 +286,84 @@ def test_hostile_structure_is_refused_before_decoding(rgb_model, tmp_path, cli, 
     _no_traceback(result)
     (row,) = map(json.loads, result.stdout.splitlines())
     assert row["class"] is None and reason in row["error"], row
+
+
+# A progressive JPEG within every structure limit (60 scans of 2580 x 2580: 399 M scans x pixels, under the
+# 400 M budget) whose refinement scans still cost ~0.4 s of CPU: only the decode deadline bounds it.
+SLOW_SIDE = 2580
+DEADLINE = "0.1"
+
+
+@pytest.fixture(scope="module")
+def slow_jpeg() -> bytes:
+    return slow_progressive_jpeg(SLOW_SIDE)
+
+
+def test_a_slow_jpeg_within_the_structure_limits_is_refused_by_the_decode_deadline(rgb_model, tmp_path, cli,
+                                                                                 slow_jpeg):
+    (tmp_path / "slow.jpg").write_bytes(slow_jpeg)
+    (tmp_path / "red.png").write_bytes(image_bytes(RED))
+    result = cli("classify", str(rgb_model), str(tmp_path), "--decode-timeout", DEADLINE)
+    assert result.returncode == 3, result.stderr
+    _no_traceback(result)
+    rows = {Path(r["file"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert rows["slow.jpg"]["class"] is None
+    assert rows["slow.jpg"]["error"] == "decode took longer than 0.1 s (--decode-timeout): refused"
+    assert rows["red.png"]["class"] == "red_defect"  # the next file of the batch has its own deadline
+    unbounded = cli("classify", str(rgb_model), str(tmp_path / "slow.jpg"), "--decode-timeout", "0")
+    assert unbounded.returncode == 0, unbounded.stdout  # it is a valid image: only its cost is refused
+
+
+def test_watch_rejects_a_file_past_the_decode_deadline_with_the_reason(rgb_model, tmp_path, cli, slow_jpeg):
+    drop, results = tmp_path / "drop", tmp_path / "results.jsonl"
+    drop.mkdir()
+    (drop / "slow.jpg").write_bytes(slow_jpeg)
+    (drop / "red.png").write_bytes(image_bytes(RED))
+    result = cli("watch", str(rgb_model), str(drop), "--results", str(results), "--once",
+                 "--settle-seconds", "0.05", "--incomplete-grace-seconds", "0", "--decode-timeout", DEADLINE)
+    assert result.returncode == 0, result.stderr
+    by_name = {row["name"]: row for row in _rows(results)}
+    assert "decode took longer than 0.1 s" in by_name["slow.jpg"]["error"]
+    assert (drop / "rejected" / "slow.jpg").exists()
+    assert by_name["red.png"]["class"] == "red_defect"
+
+
+@pytest.mark.timeout(120)
+def test_serve_refuses_a_request_past_its_decode_deadline_and_frees_the_slot(rgb_model, slow_jpeg):
+    import threading
+
+    import httpx
+    from test_server import TOKEN, wait_until_up
+
+    port = free_port()
+    process = subprocess.Popen(cli_command("serve", str(rgb_model), "--port", str(port), "--token", TOKEN,
+                                           "--decode-timeout", DEADLINE, "--max-concurrent", "1",
+                                           "--max-waiting", "8"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            wait_until_up(http, process)
+            answers: list[httpx.Response] = []
+
+            def post(files):
+                answers.append(http.post("/classify", headers=auth, files=upload(*files)))
+
+            # Three slow requests and a good one on the only decode slot: each slow one is cut at its
+            # deadline and frees the slot (before the fix each was decoded in full, then classified).
+            slow = [("slow.jpg", slow_jpeg), ("red.png", image_bytes(RED))]
+            jobs = [slow, slow, slow, [("ok.png", image_bytes(RED))]]
+            threads = [threading.Thread(target=post, args=(files,)) for files in jobs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            by_status = sorted((r.status_code, r.json()["results"][0]["error"] or "") for r in answers)
+            assert [status for status, _ in by_status] == [200, 422, 422, 422], by_status
+            reason = "decode took longer than 0.1 s (--decode-timeout for the whole request): refused"
+            assert all(error == reason for status, error in by_status if status == 422), by_status
+            assert http.get("/health").status_code == 200
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=20)
+    assert b"Traceback" not in output, output.decode()[-3000:]

@@ -1,7 +1,7 @@
 """The model card: one self-contained HTML page per registered version, for the reviewer who approves it.
 
 Logged as `model_card.html` to the version's training run and linked from the version description. Images
-(real-vs-synthetic grids) are embedded as base64, confusion matrices are HTML tables: the page needs no other
+(real-vs-synthetic grids, the line images' plot) are embedded as base64, confusion matrices are HTML tables: the page needs no other
 file, so it can be downloaded, mailed or archived as it is.
 """
 
@@ -97,12 +97,35 @@ def _synthetic_section(c: CardInputs) -> str:
     for cls in c.class_names:
         grid = c.grids_dir / f"{cls}.png" if c.grids_dir else None
         if grid is not None and grid.exists():
-            data = base64.b64encode(grid.read_bytes()).decode()
-            parts.append(f"<h3>{_esc(cls)}: real (top) vs synthetic (bottom)</h3>"
-                         f'<img alt="{_esc(cls)} grid" src="data:image/png;base64,{data}">')
+            parts.append(f"<h3>{_esc(cls)}: real (top) vs synthetic (bottom)</h3>" + _embedded_png(grid, f"{cls} grid"))
         else:
             missing = f"{grid} missing" if grid else "no grids folder given to the train stage"
             parts.append(f"<p>{_esc(cls)}: no grid ({_esc(missing)})</p>")
+    return "".join(parts)
+
+
+def _embedded_png(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _line_section(best: VariantResult) -> str:
+    """The line images a person labelled and imported (review-import), per class, and how this model does on
+    them (`comparison.LineScore`)."""
+    head = "<h2>Line images (the line's doubts, reviewed)</h2>"
+    if best.line is None:
+        return head + ("<p>No line images in this training data: none were imported with "
+                       "<code>stablesdg data review-import</code> (the processed data has no <code>line</code> "
+                       "split).</p>")
+    score = best.line.to_dict()
+    rows = [[cls, rec["images"], rec["correct"], _fmt(rec["accuracy"])] for cls, rec in score["per_class"].items()]
+    rows.append(["all", score["images"], score["correct"], _fmt(score["accuracy"])])
+    parts = [head, f"<p>{score['images']} images the line was unsure of came back labelled. They are in this "
+             "model's training set (split <code>line</code>, never test): the accuracy says how well it learned "
+             "them, not what it scores on unseen images (the test metrics above do).</p>",
+             _table(["class", "line images", f"{best.variant} correct", "accuracy"], rows)]
+    if best.line_plot is not None and best.line_plot.exists():
+        parts.append(_embedded_png(best.line_plot, "line images per class"))
     return "".join(parts)
 
 
@@ -144,7 +167,8 @@ def render(c: CardInputs) -> str:
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
         f"<style>{STYLE}</style></head><body><h1>{_esc(title)}</h1>",
         f"<p>Training run <code>{_esc(best.run_id)}</code></p>",
-        _decision_section(c), _metrics_section(c), _per_class_section(c), _synthetic_section(c), _hashes_section(c),
+        _decision_section(c), _metrics_section(c), _per_class_section(c), _line_section(best), _synthetic_section(c),
+        _hashes_section(c),
         "</body></html>\n",
     ])
 

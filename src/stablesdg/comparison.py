@@ -48,6 +48,7 @@ class Splits:
     test_hash: str
     synthetic: ImageSet | None
     skip_reason: str | None = None
+    line: ImageSet | None = None  # the imported line images (split `line`, part of `train`); None: none imported
 
 
 def load_splits(processed_dir: Path, synthetic_dir: Path, params: Params) -> Splits:
@@ -75,7 +76,9 @@ def load_splits(processed_dir: Path, synthetic_dir: Path, params: Params) -> Spl
         else:
             reason = f"no synthetic images in {synthetic_dir}/<class>/ (run the generate stage first)"
     test_hash = split_hash(parts["test"][0], processed_dir)
-    return Splits(processed_dir, spec, sets["train"], sets["val"], sets["test"], test_hash, synthetic, reason)
+    train, n_line = sets["train"], len(line_paths)
+    line = ImageSet(train.x[-n_line:], train.y[-n_line:], train.paths[-n_line:]) if n_line else None
+    return Splits(processed_dir, spec, train, sets["val"], sets["test"], test_hash, synthetic, reason, line)
 
 
 def combine(a: ImageSet, b: ImageSet | None) -> ImageSet:
@@ -95,6 +98,8 @@ class VariantResult:
     n_train_real: int
     n_train_synthetic: int
     epoch_size: int  # images an epoch goes through: real (repeated for an equal-steps baseline) + synthetic
+    line: LineScore | None = None  # how the trained model does on the imported line images (None: none imported)
+    line_plot: Path | None = None  # their per-class plot (viz.line_images_plot), embedded in the model card
 
     def summary(self, class_names: Sequence[str]) -> dict:
         return {
@@ -106,7 +111,35 @@ class VariantResult:
             "epoch_size": self.epoch_size,
             "run_id": self.run_id,
             "test_set_sha256": self.test_hash,
+            "line_images": self.line.to_dict() if self.line else None,
         }
+
+
+@dataclass
+class LineScore:
+    """A model's predictions on the line images a person labelled (`stablesdg data review-import`), per class.
+
+    They are train-only (split `line`): the model was trained on them, so this says how well it learned the
+    cases the line was unsure of, not what it would score on unseen ones (that is the test set's job)."""
+
+    class_names: list[str]
+    images: list[int]  # per class
+    correct: list[int]
+
+    def accuracy(self) -> list[float | None]:
+        """Per class: correct / images (recall on the line images); None where the class has none."""
+        return [c / n if n else None for n, c in zip(self.images, self.correct, strict=True)]
+
+    def to_dict(self) -> dict:
+        total, correct = sum(self.images), sum(self.correct)
+        return {"images": total, "correct": correct, "accuracy": correct / total if total else None,
+                "per_class": {cls: {"images": n, "correct": c, "accuracy": a} for cls, n, c, a in
+                              zip(self.class_names, self.images, self.correct, self.accuracy(), strict=True)}}
+
+
+def line_score(model: nn.Module, line: ImageSet, class_names: Sequence[str]) -> LineScore:
+    confusion = evaluate(model, line, len(class_names)).confusion  # [true, predicted]
+    return LineScore(list(class_names), confusion.sum(axis=1).tolist(), np.diag(confusion).tolist())
 
 
 def scorer_on_test_set(splits: Splits) -> Callable[[nn.Module, PreprocessSpec, str], float]:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import tqdm
 
 from .config import DataConfig
@@ -34,6 +34,17 @@ IMAGE_EXTENSIONS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
 # Decoded by content, as on the line (deploy/ stablesdg_line.images.ALLOWED_FORMATS): any other format is
 # quarantined before a decoder for it runs (EPS would start Ghostscript).
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+# A file's cost is bounded before Pillow parses it, with the line's limits (stablesdg_line.images, issue 24):
+# PNG text that inflates to megabytes, a TIFF with a million strips and a JPEG with thousands of scans (or
+# fewer scans of a huge frame: each one decodes every block again) cost seconds or a GB at open and decode.
+# deploy/tests/badinputs.py's hostile files are refused by both, each with its reason.
+PngImagePlugin.MAX_TEXT_CHUNK = 256 * 1024  # Pillow's defaults: 1 MB a chunk, 64 MB in all
+PngImagePlugin.MAX_TEXT_MEMORY = 1024 * 1024
+MAX_JPEG_SCANS = 64
+MAX_JPEG_SCAN_PIXELS = 400_000_000  # scans x pixels: libjpeg's 10 progressive scans of a 40 MP frame
+MAX_TIFF_STRIPS = 65_536
+MAX_METADATA_BYTES = 1024 * 1024  # JPEG APPn/COM, PNG ancillary chunks, WebP EXIF/ICCP/XMP
+MAX_PNG_CHUNKS = 65_536
 NEU_CLS_PREFIXES = {
     "cr": "crazing",
     "in": "inclusion",
@@ -191,11 +202,92 @@ def decode_image(path: Path, cfg: DataConfig) -> Image.Image:
     return decode_image_bytes(read_source_file(path, cfg), path.suffix, cfg)[0]
 
 
+def costly_structure(raw: bytes) -> str | None:
+    """Why the file's structure alone would cost more than any image needs, or None; no parser runs."""
+    metadata = 0
+    if raw.startswith(b"\xff\xd8"):
+        scans = raw.count(b"\xff\xda")  # entropy-coded data stuffs 0xFF with 0x00: FF DA is always a marker
+        width, height, metadata = _jpeg_frame(raw)
+        if scans > MAX_JPEG_SCANS or scans * width * height > MAX_JPEG_SCAN_PIXELS:
+            return (f"costly structure: JPEG has {scans} scans of {width}x{height} pixels (limits "
+                    f"{MAX_JPEG_SCANS} scans, {MAX_JPEG_SCAN_PIXELS} scans x pixels)")
+    elif raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        chunks, metadata = _png_layout(raw)
+        if chunks > MAX_PNG_CHUNKS:
+            return f"costly structure: PNG has more than {MAX_PNG_CHUNKS} chunks"
+    elif raw.startswith(b"RIFF") and raw[8:12] == b"WEBP":
+        metadata = _webp_extra_bytes(raw)
+    elif raw[:4] in (b"II*\x00", b"MM\x00*"):
+        strips = _strip_count(raw)
+        if strips > MAX_TIFF_STRIPS:
+            return f"costly structure: TIFF has {strips} strips or tiles (limit {MAX_TIFF_STRIPS})"
+    if metadata > MAX_METADATA_BYTES:
+        return f"metadata too large: {metadata} bytes of metadata (limit {MAX_METADATA_BYTES})"
+    return None
+
+
+def _jpeg_frame(raw: bytes) -> tuple[int, int, int]:
+    """A JPEG's width and height (SOFn) and its APPn + COM bytes, from the segments before the first scan."""
+    at, cols, rows, extra = 2, 0, 0, 0
+    while at + 4 <= len(raw) and raw[at] == 0xFF and raw[at + 1] != 0xDA:
+        kind = raw[at + 1]
+        if kind == 0xFF:
+            at += 1
+            continue
+        size = struct.unpack(">H", raw[at + 2:at + 4])[0]
+        if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC) and not cols and at + 9 <= len(raw):
+            rows, cols = struct.unpack(">HH", raw[at + 5:at + 9])
+        extra += size if kind == 0xFE or 0xE0 <= kind <= 0xEF else 0
+        at += 2 + size
+    return cols, rows, extra
+
+
+def _png_layout(raw: bytes) -> tuple[int, int]:
+    """How many chunks a PNG has (counted up to one past the limit) and the bytes of its ancillary ones."""
+    at, count, extra = 8, 0, 0
+    while at + 8 <= len(raw) and count <= MAX_PNG_CHUNKS:
+        size, kind = struct.unpack(">I4s", raw[at:at + 8])
+        count += 1
+        extra += 0 if kind in (b"IHDR", b"PLTE", b"IDAT", b"IEND") else size
+        if kind == b"IEND":
+            break
+        at += size + 12
+    return count, extra
+
+
+def _webp_extra_bytes(raw: bytes) -> int:
+    """Bytes of the RIFF chunks of a WebP that hold no image data (EXIF, ICCP, XMP, unknown)."""
+    at, extra = 12, 0
+    while at + 8 <= len(raw):
+        kind, size = struct.unpack("<4sI", raw[at:at + 8])
+        extra += 0 if kind in (b"VP8 ", b"VP8L", b"VP8X", b"ALPH", b"ANIM", b"ANMF") else size
+        at += 8 + size + size % 2
+    return extra
+
+
+def _strip_count(raw: bytes) -> int:
+    """StripOffsets / TileOffsets count in a classic TIFF's first IFD (0 when cut short)."""
+    endian = "<" if raw.startswith(b"II") else ">"
+    try:
+        first = struct.unpack_from(endian + "I", raw, 4)[0]
+        entries = struct.unpack_from(endian + "H", raw, first)[0]
+        for n in range(min(entries, 4096)):
+            tag, _, count = struct.unpack_from(endian + "HHI", raw, first + 2 + 12 * n)
+            if tag in (273, 324):
+                return count
+    except struct.error:
+        pass
+    return 0
+
+
 def decode_image_bytes(raw: bytes, suffix: str, cfg: DataConfig) -> tuple[Image.Image, tuple[int, int]]:
     """Decode + normalise in-memory file bytes; returns (image at image_size, original (width, height))."""
     _check_file_size(len(raw), cfg)
     if suffix.lower() not in IMAGE_EXTENSIONS:
         raise ValueError(f"unsupported extension {suffix or '(none)'}; use one of {sorted(IMAGE_EXTENSIONS)}")
+    problem = costly_structure(raw)
+    if problem is not None:
+        raise ValueError(f"{problem}: refused before decoding")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -217,7 +309,9 @@ def decode_image_bytes(raw: bytes, suffix: str, cfg: DataConfig) -> tuple[Image.
                          f"{', '.join(f.lower() for f in ALLOWED_FORMATS)})") from None
     except (OSError, SyntaxError, EOFError, struct.error) as err:
         raise ValueError(f"unreadable or truncated image: {err}") from None
-    except ValueError:
+    except ValueError as err:
+        if "text" in str(err).lower():  # Pillow's PNG text-chunk limits (MAX_TEXT_CHUNK / MAX_TEXT_MEMORY)
+            raise ValueError(f"metadata too large: {err}") from None
         raise
     except Exception as err:  # a decoder bug on hostile input stays this file's problem
         raise ValueError(f"cannot decode image: {type(err).__name__}: {err}") from None

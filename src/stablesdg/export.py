@@ -72,6 +72,10 @@ class Gate:
     int8_format: str | None = None
     calibration_images: int = 0
     calibration: str = ""  # method/granularity/format(+fp32 nodes) on which images (stablesdg.quantize)
+    # The decision's own resolution: one test image's worth of accuracy, and how many images the drop may still
+    # grow by before the gate flips (under 1: a 1e-6 drift in the weights can change the decision)
+    one_image_points: float | None = None
+    margin_images: float | None = None
 
     @property
     def kept(self) -> bool:
@@ -275,13 +279,19 @@ def export_calibration(cfg: ExportConfig, seed: int, processed: Path, synthetic:
     return calibration_sample(x, cfg.calibration_images, seed)
 
 
-def int8_gate(fp32_accuracy: float, int8_accuracy: float, max_drop_points: float) -> Gate:
-    """Keep the int8 model when it loses at most `max_drop_points` percentage points of test accuracy."""
+def int8_gate(fp32_accuracy: float, int8_accuracy: float, max_drop_points: float, n_test: int) -> Gate:
+    """Keep the int8 model when it loses at most `max_drop_points` percentage points of accuracy on the `n_test`
+    test images; the reason says how many images away from flipping the decision is."""
     drop = round((fp32_accuracy - int8_accuracy) * 100, 6)  # rounding: 0.9 - 0.9 must not read as a loss
     kept = drop <= max_drop_points
+    image_points = 100 / n_test
+    margin = (max_drop_points - drop) / image_points  # > 0: images the drop may grow by and still pass
     reason = (f"int8 test accuracy {int8_accuracy:.4f} vs fp32 {fp32_accuracy:.4f}: drop {drop:+.2f} points "
-              f"{'<=' if kept else '>'} export.max_accuracy_drop {max_drop_points:g}")
-    return Gate("kept" if kept else "rejected", reason, max_drop_points, fp32_accuracy, int8_accuracy, drop)
+              f"{'<=' if kept else '>'} export.max_accuracy_drop {max_drop_points:g} (1 of {n_test} test images = "
+              f"{image_points:.2f} points; {abs(margin):.1f} images {'to spare' if kept else 'over'}"
+              f"{': within one image of flipping' if abs(margin) < 1 else ''})")
+    return Gate("kept" if kept else "rejected", reason, max_drop_points, fp32_accuracy, int8_accuracy, drop,
+                one_image_points=round(image_points, 4), margin_images=round(margin, 2))
 
 
 def accuracy(logits: np.ndarray, y: np.ndarray) -> float:

@@ -182,6 +182,7 @@ def describe(version: str, best: VariantResult, results: Sequence[VariantResult]
     lines += ["", "| class | precision | recall |", "|---|---|---|"]
     lines += [f"| {c} | {p:.3f} | {r:.3f} |"
               for c, p, r in zip(class_names, best.evaluation.precision, best.evaluation.recall, strict=True)]
+    line = best.line.to_dict() if best.line else None
     lines += [
         "",
         f"- gain over real-only: accuracy {tags['gain_accuracy']}, macro-F1 {tags['gain_macro_f1']}",
@@ -190,6 +191,8 @@ def describe(version: str, best: VariantResult, results: Sequence[VariantResult]
         f"- test set sha256 `{tags['test_set_sha256'][:16]}`, synthetic `{tags['synthetic_hash'][:24]}`, "
         f"mean FID {tags['mean_fid']} / KID {tags['mean_kid']} ({tags['feature_net']}), "
         f"git `{tags.get('git_commit', 'unknown')[:12]}`" + (" (dirty)" if tags.get("git_dirty") == "true" else ""),
+        f"- line images (review-import, trained on): {line['images']}, accuracy on them {line['accuracy']:.4f}"
+        if line else "- line images: none imported",
         f"- **model card: {_artifact_link(best.run_id, experiment_id, CARD_FILE)}**",
         f"- evidence: {_artifact_link(best.run_id, experiment_id)}, "
         f"{_artifact_link(best.run_id, experiment_id, 'confusion_matrix.png')}, "

@@ -29,8 +29,13 @@ ROLE_PERMISSIONS = {  # (experiment, registered model); None: the default (READ)
 }
 
 
-def auth_config(path: Path, auth_db_uri: str, admin_username: str = "admin") -> Path:
-    """basic-auth's ini: READ by default (line PCs), users in `auth_db_uri`, our champion guard."""
+def auth_config(path: Path, auth_db_uri: str, admin_username: str = "admin", auth_cache_ttl_s: int = 0) -> Path:
+    """basic-auth's ini: READ by default (line PCs), users in `auth_db_uri`, our champion guard.
+
+    `auth_cache_ttl_s` > 0 turns on MLflow's credential cache: a (user, password) is hash-checked once per TTL
+    per worker instead of on every request (benchmarks/bench_pull.py: the check is most of a pull's time), at
+    the cost of a changed or deleted password staying valid on the other workers until the TTL ends. 0 (MLflow's
+    default): no cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join([
         "[mlflow]",
@@ -39,6 +44,7 @@ def auth_config(path: Path, auth_db_uri: str, admin_username: str = "admin") -> 
         f"admin_username = {admin_username}",
         f"authorization_function = {AUTH_FUNCTION}",
         "grant_default_workspace_access = false",
+        f"auth_cache_ttl_seconds = {auth_cache_ttl_s}",
         "",
     ]))
     return path

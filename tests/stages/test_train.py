@@ -1,8 +1,10 @@
 """Stage `train`: both variants trained and compared on the same test set, tracked in MLflow and registered with a
-model card; a missing synthetic set skips the augmented variant with a reason; repeats retrain per seed."""
+model card; a missing synthetic set skips the augmented variant with a reason; repeats retrain per seed; line
+images imported by review-import are scored, plotted and put on the card."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 from pathlib import Path
@@ -16,10 +18,15 @@ from click.testing import CliRunner
 from conftest import THREE_CLASSES, classifier_params
 from PIL import Image
 
-from stablesdg.classifier import evaluate, load_weights, train_classifier
+from stablesdg.classifier import evaluate, load_images, load_weights, train_classifier
 from stablesdg.comparison import load_splits, repeated
+from stablesdg.config import DataConfig
+from stablesdg.data import LINE_SPLIT, ingest, split_paths
+from stablesdg.demo import demo_image, write_demo_dataset
 from stablesdg.registry import CHAMPION, alias_version, client
+from stablesdg.review_import import Labelled, import_reviewed
 from stablesdg.stages.train import run_training, train_command
+from stablesdg.viz import LINE_IMAGES_PLOT_SIZE
 
 
 def test_train_stage_compares_both_variants_on_the_same_test_set(classifier_data, mlflow_store, tmp_path):
@@ -52,6 +59,9 @@ def test_train_stage_compares_both_variants_on_the_same_test_set(classifier_data
     with open(tmp_path / "reports" / "confusion_real_only.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == n_test and {r["actual"] for r in rows} == set(THREE_CLASSES)
+    # no line images imported: nothing scored, no plot drawn
+    assert summary["line_images"] == 0 and real["line_images"] is None and augmented["line_images"] is None
+    assert not list((tmp_path / "reports").glob("line_images*"))
 
     registered = summary["registered"]
     champion = alias_version(client(), params.tracking.registered_model, CHAMPION)
@@ -145,8 +155,70 @@ def test_registered_version_has_a_model_card_with_the_declared_figures(classifie
             assert f"{summary[variant][figure]:.4f}" in text
         for cls, pr in summary[variant]["per_class"].items():
             assert f"<td>{cls}</td><td>{pr['precision']:.3f}</td><td>{pr['recall']:.3f}</td>" in text
-    assert text.count("data:image/png;base64,") == len(THREE_CLASSES)
+    assert text.count("data:image/png;base64,") == len(THREE_CLASSES)  # the grids; no line-image plot
+    assert "No line images in this training data" in text
     assert summary["registered"]["reason"] in text
     size = summary["real_only"]["epoch_size"]  # equal steps: both variants go through as many images an epoch
     assert size == summary["real_plus_synthetic"]["epoch_size"]
     assert f"<td>training images an epoch</td><td>{size}</td><td>{size}</td>" in text
+
+
+LINE_COUNTS = {"crazing": 3, "patches": 1, "scratches": 0}
+
+
+@pytest.fixture(scope="module")
+def line_data(tmp_path_factory) -> Path:
+    """A real source folder that got labelled line images through review-import (LINE_COUNTS per class), then a
+    real ingest: the processed data has a `line` split."""
+    root = tmp_path_factory.mktemp("linedata")
+    write_demo_dataset(root / "source", THREE_CLASSES, 10, 64, seed=0)
+    (root / "review").mkdir()
+    items = []
+    for cls, n in LINE_COUNTS.items():
+        for i in range(n):
+            demo_image(cls, 100 + i, seed=0, size=64).save(root / "review" / f"{cls}{i}.png")
+            items.append(Labelled(root / "review" / f"{cls}{i}.png", cls, {}))
+    assert len(import_reviewed(items, root / "source", THREE_CLASSES).added) == sum(LINE_COUNTS.values())
+    cfg = DataConfig(image_size=64, k_shot=4, val_per_class=2, test_per_class=4)
+    ingest(root / "source", root / "processed", cfg, THREE_CLASSES, seed=0)
+    return root / "processed"
+
+
+def test_line_images_are_scored_plotted_and_on_the_card(line_data, classifier_data, mlflow_store, tmp_path):
+    reports = tmp_path / "reports"
+    params = classifier_params(epochs=1)
+    summary = run_training(params, line_data, tmp_path / "none", reports, weights_dir=tmp_path / "w")
+    assert summary["line_images"] == sum(LINE_COUNTS.values())
+    scored = summary["real_only"]["line_images"]
+    assert {cls: rec["images"] for cls, rec in scored["per_class"].items()} == LINE_COUNTS
+
+    # the numbers are the shipped model's own predictions on the line split, class by class
+    model, spec = load_weights(tmp_path / "w" / "real_only.safetensors")
+    for label, cls in enumerate(THREE_CLASSES):
+        paths = split_paths(line_data, cls, LINE_SPLIT)
+        rec = scored["per_class"][cls]
+        if not paths:
+            assert rec == {"images": 0, "correct": 0, "accuracy": None}
+            continue
+        predictions = evaluate(model, load_images(paths, [label] * len(paths), spec), len(THREE_CLASSES)).predictions
+        assert rec["correct"] == int((predictions == label).sum())
+        assert rec["accuracy"] == pytest.approx(rec["correct"] / len(paths))
+
+    plot = reports / "line_images_real_only.png"
+    assert Image.open(plot).size == LINE_IMAGES_PLOT_SIZE
+    champion = alias_version(client(), params.tracking.registered_model, CHAMPION)
+    run_artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(champion.run_id)}
+    assert {"line_images.png", "confusion_matrix.png"} <= run_artifacts
+    assert mlflow.get_run(champion.run_id).data.metrics["line_images"] == sum(LINE_COUNTS.values())
+    text = Path(mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path="model_card.html")).read_text()
+    for cls, rec in scored["per_class"].items():
+        accuracy = "-" if rec["accuracy"] is None else f"{rec['accuracy']:.4f}"
+        assert f"<td>{cls}</td><td>{rec['images']}</td><td>{rec['correct']}</td><td>{accuracy}</td>" in text
+    # the card embeds the very plot written to reports/train (no grids were given: it is the only image)
+    assert text.count("data:image/png;base64,") == 1
+    assert base64.b64encode(plot.read_bytes()).decode() in text
+    assert "line images (review-import, trained on): 4," in champion.description
+
+    processed, _ = classifier_data  # the next training without line images draws none and leaves no stale plot
+    again = run_training(params, processed, tmp_path / "none", reports, register=False)
+    assert again["line_images"] == 0 and not plot.exists()

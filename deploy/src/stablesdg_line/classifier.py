@@ -26,7 +26,9 @@ from .contract import (
     provenance_metadata,
 )
 from .images import (
+    DEFAULT_DECODE_TIMEOUT_S,
     DEFAULT_MAX_PIXELS,
+    Deadline,
     ImageRejected,
     ImageSource,
     file_kind,
@@ -65,6 +67,8 @@ class RuntimeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     graph_optimization: str = "all"  # disable | basic | extended | all (layout + fusions: the fast one)
     memory_arena: bool = True  # onnxruntime's CPU arena: reuses activation buffers between runs
+    # Seconds one file may take to decode (classify, watch); serve applies it to a whole request. None: none.
+    decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
@@ -253,10 +257,15 @@ class Classifier:
             self._batcher = None
 
     def classify(self, inputs: Sequence[Image.Image | ImageSource],
-                 names: Sequence[str] | None = None) -> list[Prediction]:
-        """Classify PIL images, paths, bytes or streams as one batch; bad inputs become per-file errors."""
+                 names: Sequence[str] | None = None, deadline: Deadline | None = None) -> list[Prediction]:
+        """Classify PIL images, paths, bytes or streams as one batch; bad inputs become per-file errors.
+
+        Each file may take `options.decode_timeout_s` to decode; a `deadline` instead bounds them all
+        together (the server's per-request budget): files still undecoded when it passes are refused.
+        """
         names = names or [_default_name(item, i) for i, item in enumerate(inputs)]
-        return self._infer([self._prepare(item, name) for item, name in zip(inputs, names, strict=True)])
+        return self._infer([self._prepare(item, name, deadline)
+                            for item, name in zip(inputs, names, strict=True)])
 
     def classify_files(self, paths: Iterable[str | Path], batch_size: int = 16) -> Iterator[Prediction]:
         """Stream predictions for many files, batch_size files per inference call."""
@@ -269,10 +278,14 @@ class Classifier:
         if batch:
             yield from self.classify(batch)
 
-    def _prepare(self, item: Image.Image | ImageSource, name: str) -> _Pending:
+    def _prepare(self, item: Image.Image | ImageSource, name: str, deadline: Deadline | None) -> _Pending:
         start = time.perf_counter()
         try:
-            image = item if isinstance(item, Image.Image) else load_image(item, self.options.max_pixels)
+            if isinstance(item, Image.Image):
+                image = item
+            else:
+                deadline = deadline or Deadline.after(self.options.decode_timeout_s)
+                image = load_image(item, self.options.max_pixels, deadline)
             tensor = preprocess(image, self.spec)
         except ImageRejected as err:
             return _Pending(name, None, _ms_since(start), error=str(err))

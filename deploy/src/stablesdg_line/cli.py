@@ -19,7 +19,7 @@ from typing import IO
 from . import __version__, pull
 from .classifier import GRAPH_OPTIMIZATION_LEVELS, Classifier, ModelIntegrityError, Prediction, RuntimeOptions
 from .contract import ModelContractError
-from .images import DEFAULT_MAX_PIXELS
+from .images import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_PIXELS
 from .reload import DEFAULT_FOLLOW_INTERVAL_S, ModelSlot, Reloader
 from .review import ReviewConfigError, add_review_options, review_from_args
 from .watch import IMAGE_EXTENSIONS, DropFolderWatcher, WatchConfig, WatchError
@@ -30,11 +30,14 @@ DEFAULT_MAX_CONCURRENT = 2
 DEFAULT_MAX_WAITING = 16
 DEFAULT_QUEUE_TIMEOUT_S = 10.0
 DEFAULT_MAX_BATCH = 32  # batching.DEFAULT_MAX_BATCH
+DEFAULT_MAX_SPOOL_MB = 64  # server.DEFAULT_MAX_SPOOL_MB
 
 TOKEN_ENV = "STABLESDG_LINE_TOKEN"
-# uvicorn answers 503 beyond this many connections + tasks, long before the usual 1024-descriptor limit.
+# Most open connections; lowered at start-up to fit RLIMIT_NOFILE (connections.fit_connection_cap).
 DEFAULT_LIMIT_CONCURRENCY = 512
 DEFAULT_KEEP_ALIVE_S = 5.0
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # connections.DEFAULT_HEADER_TIMEOUT_S
+DEFAULT_BODY_TIMEOUT_S = 30.0  # connections.DEFAULT_BODY_TIMEOUT_S
 CSV_COLUMNS = ("file", "class", "confidence", "scores", "latency_ms", "model_version", "error")
 EXIT_MODEL_REFUSED = 2  # also argparse's usage-error code: "the invocation cannot work as given"
 EXIT_SOME_FILES_FAILED = 3
@@ -49,6 +52,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-runs", type=int, default=1, help="dummy inferences at load (default 1)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"reject images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT_S, metavar="S",
+                        help="refuse a file whose decoding takes longer than S seconds ('decode took longer "
+                             "than S s'); serve applies it to all files of a request together; 0: no limit "
+                             f"(default {DEFAULT_DECODE_TIMEOUT_S:g})")
     parser.add_argument("--graph-optimization", choices=sorted(GRAPH_OPTIMIZATION_LEVELS), default="all",
                         help="onnxruntime graph optimisation level (default all)")
     parser.add_argument("--memory-arena", action=argparse.BooleanOptionalAction, default=True,
@@ -108,11 +115,24 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help="the token on the command line: visible to every user in `ps`; prefer "
                                        f"--token-file or env {TOKEN_ENV}")
     serve.add_argument("--limit-concurrency", type=int, default=DEFAULT_LIMIT_CONCURRENCY,
-                       help="open connections + tasks above which new ones get 503 at once (uvicorn's "
-                            f"limit; default {DEFAULT_LIMIT_CONCURRENCY}, keep it below LimitNOFILE)")
+                       help="most open connections (default "
+                            f"{DEFAULT_LIMIT_CONCURRENCY}; lowered to fit RLIMIT_NOFILE, see LimitNOFILE). "
+                            "One more closes the longest-idle connection, or gets 503 when every one has a "
+                            "request in progress")
     serve.add_argument("--keep-alive-timeout", type=float, default=DEFAULT_KEEP_ALIVE_S,
                        help=f"seconds an idle connection stays open (default {DEFAULT_KEEP_ALIVE_S:g})")
+    serve.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                       help="seconds a client has to send a complete request head, from connecting or "
+                            "from the previous response; then 408 and close "
+                            f"(default {DEFAULT_HEADER_TIMEOUT_S:g})")
+    serve.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                       help="seconds a client has to send the whole body after its head; then 408 and close "
+                            f"(default {DEFAULT_BODY_TIMEOUT_S:g})")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20)")
+    serve.add_argument("--max-spool-mb", type=float, default=DEFAULT_MAX_SPOOL_MB,
+                       help="most MB of request bodies in progress at once, all requests together (uploads "
+                            "are spooled to temporary files: RAM on a tmpfs /tmp); beyond it 503 before the "
+                            f"body is read (default {DEFAULT_MAX_SPOOL_MB}; at least --max-upload-mb)")
     serve.add_argument("--max-files", type=int, default=32, help="most files per request (default 32)")
     serve.add_argument("--max-request-pixels", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
                        help=f"most pixels per request, from headers (default {DEFAULT_MAX_REQUEST_PIXELS})")
@@ -139,7 +159,8 @@ def _load_classifier(args: argparse.Namespace, path: Path | None = None,
                      pin: str | None = None) -> Classifier:
     options = RuntimeOptions(expected_sha256=pin if path is not None else args.expected_sha256,
                              threads=args.threads, warmup_runs=args.warmup_runs, max_pixels=args.max_pixels,
-                             graph_optimization=args.graph_optimization, memory_arena=args.memory_arena)
+                             graph_optimization=args.graph_optimization, memory_arena=args.memory_arena,
+                             decode_timeout_s=args.decode_timeout or None)
     return Classifier(path or args.model, options)
 
 
@@ -251,27 +272,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from .connections import ACCEPT_BACKLOG, ConnectionLimits, fit_connection_cap, protocol_class
         from .server import ServeConfig, create_app
     except ImportError as err:
         raise SystemExit(f"serve needs the HTTP extra: pip install 'stablesdg-line[serve]' ({err})") from err
     token = resolve_token(args)
+    if args.max_spool_mb < args.max_upload_mb:
+        raise ServeConfigError(f"--max-spool-mb {args.max_spool_mb:g} is below --max-upload-mb "
+                               f"{args.max_upload_mb:g}: the largest upload could never be accepted")
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: anyone on the network can use the model", args.host)
     config = ServeConfig(token=token, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                         max_spool_bytes=int(args.max_spool_mb * 1024 * 1024),
                          max_files=args.max_files, max_request_pixels=args.max_request_pixels,
                          max_concurrent=args.max_concurrent, max_waiting=args.max_waiting,
                          queue_timeout_s=args.queue_timeout, max_batch=args.max_batch,
                          batch_wait_s=args.batch_wait_ms / 1000.0)
     slot = ModelSlot(_load_classifier(args))
     app = create_app(slot, config, review_from_args(args))
+    cap, why = fit_connection_cap(args.limit_concurrency)
+    log.info("connections: %s; request head within %g s, body within %g s", why, args.header_timeout,
+             args.body_timeout)
+    limits = ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                              max_connections=cap)
     with _reloading(args, slot.get, slot.swap):
+        # The connection cap is the protocol's (it evicts idle connections first); uvicorn's own
+        # limit_concurrency would answer 503 to every request once idle connections fill it.
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False,
-                    limit_concurrency=args.limit_concurrency, timeout_keep_alive=args.keep_alive_timeout)
+                    http=protocol_class(limits), backlog=ACCEPT_BACKLOG, limit_concurrency=None,
+                    timeout_keep_alive=args.keep_alive_timeout)
     return 0
 
 
 class TokenError(ValueError):
     """A token was given but cannot be used (empty, unreadable file)."""
+
+
+class ServeConfigError(ValueError):
+    """serve's limits contradict each other."""
 
 
 def resolve_token(args: argparse.Namespace) -> str | None:
@@ -361,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ModelIntegrityError, ModelContractError, WatchError, TokenError, ReviewConfigError,
-            OSError) as err:
+    except (ModelIntegrityError, ModelContractError, WatchError, TokenError, ServeConfigError,
+            ReviewConfigError, OSError) as err:
         print(f"stablesdg-line: error: {err}", file=sys.stderr)
         return EXIT_MODEL_REFUSED
     except KeyboardInterrupt:

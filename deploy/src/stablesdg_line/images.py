@@ -11,6 +11,7 @@ import io
 import os
 import stat
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,18 @@ MAX_TEXT_CHUNK_BYTES = 256 * 1024
 MAX_TEXT_TOTAL_BYTES = 1024 * 1024
 MAX_TIFF_STRIPS = 65_536
 MAX_JPEG_SCANS = 64
+# Metadata a decoder reads and keeps (JPEG APPn/COM segments: EXIF, ICC, XMP; PNG ancillary chunks; WebP
+# EXIF/ICCP/XMP chunks): a camera writes tens of kB, an ICC profile is at most a few hundred.
+MAX_METADATA_BYTES = 1024 * 1024
+# Pillow handles every PNG chunk in Python: a 20 MB upload of 1-byte IDAT chunks is 1.6 M turns of that loop.
+MAX_PNG_CHUNKS = 65_536
+PNG_CRITICAL_CHUNKS = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+WEBP_IMAGE_CHUNKS = (b"VP8 ", b"VP8L", b"VP8X", b"ALPH", b"ANIM", b"ANMF")
+# Each progressive scan revisits every block of the image: a refinement scan of a few bytes over 36 MP costs
+# ~30 ms, so 60 of them 1.5 s from a 215 kB file. Scans x pixels is bounded too: the 10 scans of libjpeg's
+# progressive script over a 40 MP frame, which decode in < 0.5 s whatever the scans hold.
+MAX_JPEG_SCAN_PIXELS = 400_000_000
+JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC
 PngImagePlugin.MAX_TEXT_CHUNK = MAX_TEXT_CHUNK_BYTES  # Pillow's own limits (defaults 1 MB / 64 MB)
 PngImagePlugin.MAX_TEXT_MEMORY = MAX_TEXT_TOTAL_BYTES
 TIFF_STRIP_TAGS = (273, 324)  # StripOffsets, TileOffsets
@@ -47,6 +60,53 @@ TIFF_STRIP_TAGS = (273, 324)  # StripOffsets, TileOffsets
 
 class ImageRejected(ValueError):
     """A file that cannot be classified (not an image, truncated, empty, too large...)."""
+
+
+class DecodeTimeout(ImageRejected):
+    """Decoding went past its deadline (a slow file, e.g. a progressive JPEG whose scans each cost a lot)."""
+
+
+# A structure within the limits can still be slow (a 20 MB progressive JPEG of 60 large scans: ~2 s of
+# CPU); the deadline bounds what any one file or request can take. A 40 MP camera frame decodes in < 1 s.
+DEFAULT_DECODE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """Decoding must end by `at` (time.monotonic()); checked between the decoder's reads, so a deadline is
+    overshot by at most one read: 64 kB of data or, for a JPEG, one scan."""
+
+    at: float
+    seconds: float
+    scope: str = ""  # what the budget covers, for the message ("", "for the whole request")
+
+    @classmethod
+    def after(cls, seconds: float | None, scope: str = "") -> Deadline | None:
+        return None if seconds is None or seconds <= 0 else cls(time.monotonic() + seconds, seconds, scope)
+
+    def check(self) -> None:
+        if time.monotonic() > self.at:
+            scope = f" {self.scope}" if self.scope else ""
+            raise DecodeTimeout(f"decode took longer than {self.seconds:g} s (--decode-timeout{scope}): "
+                                "refused")
+
+
+class _PacedReader(io.BytesIO):
+    """The file's bytes as Pillow reads them: the deadline is checked at every read, and a JPEG is handed
+    over one scan at a time, so that libjpeg returns to Python between scans."""
+
+    def __init__(self, data: bytes, deadline: Deadline, jpeg: bool):
+        super().__init__(data)
+        self._data, self._deadline, self._jpeg = data, deadline, jpeg
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._deadline.check()
+        if self._jpeg:
+            start = self.tell()
+            next_scan = self._data.find(b"\xff\xda", start + 1)
+            if next_scan > start and (size is None or size < 0 or start + size > next_scan):
+                size = next_scan - start
+        return super().read(size)
 
 
 @dataclass(frozen=True)
@@ -114,6 +174,57 @@ def _jpeg_scans(data: bytes) -> int:
     return data.count(b"\xff\xda")
 
 
+def _jpeg_header(data: bytes) -> tuple[int, int, int]:
+    """(width, height, metadata bytes) from the marker segments before the first scan, the ones Pillow
+    parses and keeps (width and height 0 without a frame header: Pillow gives the reason). Metadata: the
+    APP0-APP15 and COM segments."""
+    pos, width, height, metadata = 2, 0, 0, 0
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            break
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if marker in JPEG_SOF_MARKERS and pos + 9 <= len(data) and not width:
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+        if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+            metadata += length
+        pos += 2 + length
+    return width, height, metadata
+
+
+def _png_chunks(data: bytes) -> tuple[int, int]:
+    """(chunks, ancillary chunk bytes) of a PNG, walking chunk headers only; stops at a cut-short chunk."""
+    pos, chunks, metadata = 8, 0, 0
+    while pos + 8 <= len(data) and chunks <= MAX_PNG_CHUNKS:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunks += 1
+        if kind not in PNG_CRITICAL_CHUNKS:
+            metadata += length
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+    return chunks, metadata
+
+
+def _webp_metadata(data: bytes) -> int:
+    """Bytes of a WebP's RIFF chunks that are not image data (EXIF, ICCP, XMP, unknown)."""
+    pos, metadata = 12, 0
+    while pos + 8 <= len(data):
+        kind, length = struct.unpack_from("<4sI", data, pos)
+        if kind not in WEBP_IMAGE_CHUNKS:
+            metadata += length
+        pos += 8 + length + (length & 1)
+    return metadata
+
+
+def _too_much_metadata(kind: str, size: int) -> ImageRejected:
+    return ImageRejected(f"metadata too large: {kind} carries {size} bytes of metadata, above the limit of "
+                         f"{MAX_METADATA_BYTES}: refused before parsing")
+
+
 def _tiff_strips(data: bytes) -> int:
     """Strip or tile count of the first IFD of a classic TIFF, from its 12-byte entries (no Pillow parse)."""
     order = "<" if data[:2] == b"II" else ">"
@@ -129,23 +240,50 @@ def _tiff_strips(data: bytes) -> int:
     return 0
 
 
-def check_structure(stream: BinaryIO) -> None:
-    """Refuse, before any parser runs, a file whose structure alone would cost more than an image can need."""
+def check_structure(stream: BinaryIO) -> bytes:
+    """Refuse, before any parser runs, a file whose structure alone would cost more than an image can need;
+    returns the file's bytes (the stream is left where it was)."""
     start = stream.tell()
     data = stream.read()
     stream.seek(start)
-    if data[:2] == b"\xff\xd8" and (scans := _jpeg_scans(data)) > MAX_JPEG_SCANS:
-        raise ImageRejected(f"JPEG has {scans} scans, above the limit of {MAX_JPEG_SCANS} (a progressive "
-                            "camera frame has about 10): refused before decoding")
+    if data[:2] == b"\xff\xd8":
+        scans = _jpeg_scans(data)
+        if scans > MAX_JPEG_SCANS:
+            raise ImageRejected(f"JPEG has {scans} scans, above the limit of {MAX_JPEG_SCANS} (a progressive "
+                                "camera frame has about 10): refused before decoding")
+        width, height, metadata = _jpeg_header(data)
+        if scans * width * height > MAX_JPEG_SCAN_PIXELS:
+            raise ImageRejected(f"JPEG has {scans} scans of {width}x{height} pixels, above the limit of "
+                                f"{MAX_JPEG_SCAN_PIXELS} scans x pixels (each scan decodes the whole image "
+                                "again): refused before decoding")
+        if metadata > MAX_METADATA_BYTES:
+            raise _too_much_metadata("JPEG", metadata)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        chunks, metadata = _png_chunks(data)
+        if chunks > MAX_PNG_CHUNKS:
+            raise ImageRejected(f"PNG has more than {MAX_PNG_CHUNKS} chunks (an encoder writes one per 8 kB "
+                                "or more): refused before parsing")
+        if metadata > MAX_METADATA_BYTES:
+            raise _too_much_metadata("PNG", metadata)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        metadata = _webp_metadata(data)
+        if metadata > MAX_METADATA_BYTES:
+            raise _too_much_metadata("WebP", metadata)
     if data[:4] in (b"II*\x00", b"MM\x00*") and (strips := _tiff_strips(data)) > MAX_TIFF_STRIPS:
         raise ImageRejected(f"TIFF has {strips} strips or tiles, above the limit of {MAX_TIFF_STRIPS}: "
                             "refused before parsing")
+    return data
 
 
-def _open_allowed(stream: BinaryIO) -> Image.Image:
-    check_structure(stream)
+def _open_allowed(stream: BinaryIO, deadline: Deadline | None = None) -> Image.Image:
+    data = check_structure(stream)
+    if deadline is not None:
+        deadline.check()
+        stream = _PacedReader(data, deadline, jpeg=data[:2] == b"\xff\xd8")
     try:
         return Image.open(stream, formats=ALLOWED_FORMATS)
+    except ImageRejected:
+        raise
     except UnidentifiedImageError as err:
         raise ImageRejected("not a recognised image format (allowed by content: "
                             f"{', '.join(f.lower() for f in ALLOWED_FORMATS)})") from err
@@ -192,22 +330,26 @@ def probe(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHea
             stream.close()
 
 
-def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode fully into memory; every decoder failure becomes ImageRejected with a readable reason."""
+def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS,
+               deadline: Deadline | None = None) -> Image.Image:
+    """Decode fully into memory; every decoder failure becomes ImageRejected with a readable reason, and
+    decoding past `deadline` DecodeTimeout."""
     stream = _open_stream(source)
     try:
         _reject_if_empty(stream)
-        return _decode(stream, max_pixels)
+        return _decode(stream, max_pixels, deadline)
     finally:
         if stream is not source:
             stream.close()
 
 
-def _decode(stream: BinaryIO, max_pixels: int) -> Image.Image:
-    img = _open_allowed(stream)
+def _decode(stream: BinaryIO, max_pixels: int, deadline: Deadline | None) -> Image.Image:
+    img = _open_allowed(stream, deadline)
     _check_size(img, max_pixels)
     try:
         img.load()  # forces full decoding here, so truncated data fails now and not mid-batch
+    except ImageRejected:
+        raise
     except Exception as err:
         reason = (_metadata_reason(err)
                   or f"cannot decode image data ({img.format}): {type(err).__name__}: {err}")

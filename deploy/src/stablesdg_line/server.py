@@ -3,6 +3,8 @@
 Limits, each enforced before the work it protects:
 - the bearer token and the declared body size, before any byte of the body is read;
 - the body size again on the bytes actually received, whatever Content-Length or Transfer-Encoding say;
+- the upload spool: the declared bodies of all requests in progress share `max_spool_bytes` (uploads are
+  spooled to temporary files, RAM on a tmpfs /tmp); beyond it 503 with Retry-After before the body is read;
 - the number of files and the pixels of the whole request (from image headers), before any pixel is decoded;
 - decode + inference slots: at most `max_concurrent` requests decode at once and `max_waiting` wait for a
   slot (up to `queue_timeout_s`); beyond that the answer is 503 with Retry-After, not unbounded memory.
@@ -24,12 +26,14 @@ from fastapi.responses import JSONResponse
 
 from .batching import DEFAULT_MAX_BATCH
 from .classifier import Classifier
-from .images import ImageRejected, probe
+from .images import Deadline, ImageRejected, probe
 from .reload import ModelSlot
 from .review import ReviewFolder
 
 PUBLIC_PATHS = frozenset({"/health"})  # probes (Docker HEALTHCHECK, load balancers) need no token
 DEFAULT_MAX_UPLOAD_MB = 20
+# Ten 19 MB uploads at once put 190 MB in /tmp (issue 24): the bodies of all requests in progress share this.
+DEFAULT_MAX_SPOOL_MB = 64
 # Images are decoded one at a time, but each can be up to max_pixels: cap the work one request can ask for.
 DEFAULT_MAX_FILES = 32
 # Decoding is what costs memory and CPU (a 116 kB PNG can be 40 MP): 64 MP is one full-size image and a
@@ -46,6 +50,7 @@ TRIM_AFTER_PIXELS = 1_000_000
 class ServeConfig:
     token: str | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 1024 * 1024
+    max_spool_bytes: int = DEFAULT_MAX_SPOOL_MB * 1024 * 1024
     max_files: int = DEFAULT_MAX_FILES
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
@@ -118,12 +123,30 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class SpoolBudget:
+    """Declared bytes of the request bodies in progress, at most `total` (used from the event loop only)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.total:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
 class GateMiddleware:
     """Token and size checks before the body is read; then the size again on the bytes actually received."""
 
     def __init__(self, app, config: ServeConfig):
         self.app = app
         self.config = config
+        self.spool = SpoolBudget(config.max_spool_bytes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -133,7 +156,17 @@ class GateMiddleware:
             return await refusal(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        return await self._counted(scope, receive, send)
+        size = int(_header(scope, b"content-length") or 0)  # checked by _refusal: digits, within the limit
+        if not self.spool.take(size):
+            in_use, total = self.spool.used / 2**20, self.spool.total / 2**20
+            refusal = _json(503, f"upload spool full: {in_use:.1f} MB of the {total:g} MB (--max-spool-mb) "
+                                 "held by uploads in progress; retry later",
+                            Connection="close", **{"Retry-After": "1"})
+            return await refusal(scope, receive, send)
+        try:
+            return await self._counted(scope, receive, send)
+        finally:
+            self.spool.give(size)
 
     async def _counted(self, scope, receive, send):
         """Count body bytes as they arrive: a body that outgrows the limit is cut off with 413."""
@@ -219,7 +252,9 @@ def create_app(model: Classifier | ModelSlot, config: ServeConfig | None = None,
             lambda classifier: classifier.enable_batching(config.max_batch, config.batch_wait_s))
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
+        # async: answered on the event loop itself, not behind the decode requests in the threadpool (with
+        # 16 clients posting hostile files, the sync version took 200-300 ms to answer; issue 24)
         return {"status": "ok"}
 
     @app.get("/model")
@@ -247,7 +282,11 @@ def create_app(model: Classifier | ModelSlot, config: ServeConfig | None = None,
                     return _json(413, f"the images in this request have {pixels} pixels in all, above the "
                                       f"per-request budget of {config.max_request_pixels}; send fewer per "
                                       "request")
-                predictions = classifier.classify([upload.file for upload in files], names=names)
+                # One decode deadline for the whole request, from the moment it holds a slot: a slow file
+                # cannot hold a slot longer than --decode-timeout (issue 24).
+                deadline = Deadline.after(classifier.options.decode_timeout_s, "for the whole request")
+                predictions = classifier.classify([upload.file for upload in files], names=names,
+                                                  deadline=deadline)
         except Busy as err:
             return _json(503, f"busy, retry later: {err}", **{"Retry-After": "1"})
         finally:

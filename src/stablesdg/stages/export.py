@@ -88,7 +88,7 @@ def _quantize_stage(cfg: ExportConfig, seed: int, fp32_path: Path, quantized_dir
             int8_path = quantize_int8(fp32_path, build / INT8_FILE, calib, int8_format, quant_config(cfg, int8_format))
             int8_logits = onnx_logits(session(int8_path), test.x.numpy())
             y = test.y.numpy()
-            gate = int8_gate(accuracy(fp32_logits, y), accuracy(int8_logits, y), cfg.max_accuracy_drop)
+            gate = int8_gate(accuracy(fp32_logits, y), accuracy(int8_logits, y), cfg.max_accuracy_drop, len(y))
             gate.int8_format, gate.calibration_images = int8_format, len(calib)
             gate.calibration = (f"{quant_config(cfg, int8_format).label} on {cfg.calibration_sources} "
                                 f"({cfg.calibration_sampling})")
@@ -155,7 +155,7 @@ def log_export(params: Params, summary: dict, out: Path, quantized_dir: Path, pr
         metrics = {"onnx_size_bytes": fp32["size_bytes"], "parity_max_abs_diff": fp32["parity"]["max_abs_diff"],
                    "parity_top1_agreement": fp32["parity"]["top1_agreement"],
                    "fp32_test_accuracy": fp32["test_accuracy"], "int8_kept": float(int8["kept"])}
-        for key in ("int8_accuracy", "accuracy_drop_points"):
+        for key in ("int8_accuracy", "accuracy_drop_points", "margin_images"):
             if int8.get(key) is not None:
                 metrics[key if key.startswith("int8") else f"int8_{key}"] = int8[key]
         mlflow.log_metrics(metrics)

@@ -30,9 +30,11 @@ from ..classifier import (
 )
 from ..comparison import (
     VARIANTS,
+    LineScore,
     Splits,
     VariantResult,
     gain,
+    line_score,
     load_splits,
     repeated_gain,
     scorer_on_test_set,
@@ -43,7 +45,7 @@ from ..config import Params
 from ..preprocess import PreprocessSpec
 from ..provenance import gain_stats
 from ..utils import sha256_tree, write_json
-from ..viz import confusion_matrix_image, save_image
+from ..viz import confusion_matrix_image, line_images_plot, save_image
 from .common import (
     FID_METRICS,
     FID_REPORT,
@@ -120,6 +122,30 @@ def _log_evaluation(evaluation: Evaluation, spec: PreprocessSpec, test: ImageSet
     tracking.log_image(grid, "misclassified.png")
 
 
+def line_images_file(reports_dir: Path, variant: str) -> Path:
+    return reports_dir / f"line_images_{variant}.png"
+
+
+def log_line_images(model: nn.Module, splits: Splits, variant: str, reports_dir: Path) -> tuple[LineScore | None,
+                                                                                             Path | None]:
+    """Score the model on the imported line images (split `line`) and plot them per class: the PNG goes to
+    reports_dir/line_images_<variant>.png and to the run (`line_images.png`). None, None when no line image
+    was imported."""
+    if splits.line is None:
+        return None, None
+    plot_file = line_images_file(reports_dir, variant)
+    score = line_score(model, splits.line, splits.spec.class_names)
+    numbers = score.to_dict()
+    mlflow.log_metrics({"line_images": numbers["images"], "line_accuracy": numbers["accuracy"],
+                        **{f"line_accuracy_{cls}": rec["accuracy"] for cls, rec in numbers["per_class"].items()
+                           if rec["accuracy"] is not None}})
+    plot = line_images_plot(score.class_names, score.images, score.accuracy(),
+                            f"{variant}: line images per class and its accuracy on them")
+    save_image(plot, plot_file)
+    tracking.log_image(plot, "line_images.png")
+    return score, plot_file
+
+
 def train_variant(variant: str, splits: Splits, params: Params, inputs: Sequence[Path],
                   reports_dir: Path, weights_dir: Path | None = None) -> VariantResult:
     """Train, evaluate on the real test set and log one variant as a nested MLflow run."""
@@ -139,6 +165,7 @@ def train_variant(variant: str, splits: Splits, params: Params, inputs: Sequence
         mlflow.log_metrics({"best_epoch": result.best_epoch, f"best_val_{params.classifier.primary_metric}":
                             result.best_score})
         _log_evaluation(evaluation, splits.spec, splits.test, variant, reports_dir)
+        line, line_plot = log_line_images(result.model, splits, variant, reports_dir)
         write_history_csv(reports_dir / f"history_{variant}.csv", result.history)
         write_confusion_csv(reports_dir / f"confusion_{variant}.csv", splits.test, evaluation.predictions,
                             splits.spec.class_names)
@@ -147,7 +174,7 @@ def train_variant(variant: str, splits: Splits, params: Params, inputs: Sequence
         if weights_dir is not None:
             save_weights(result.model, splits.spec, params.classifier.backbone, weights_dir / f"{variant}.safetensors")
     return VariantResult(variant, evaluation, result, run.info.run_id, model_uri, test_hash,
-                         len(splits.train), len(synthetic) if synthetic else 0, len(train))
+                         len(splits.train), len(synthetic) if synthetic else 0, len(train), line, line_plot)
 
 
 def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, reports_dir: Path,
@@ -159,8 +186,11 @@ def run_training(params: Params, processed_dir: Path, synthetic_dir: Path, repor
     inputs = [processed_dir, synthetic_dir]
     for stale in (weights_dir / f"{v}.safetensors" for v in VARIANTS) if weights_dir else ():
         stale.unlink(missing_ok=True)  # a skipped variant must not leave an older run's weights behind
+    for stale in (line_images_file(reports_dir, v) for v in VARIANTS):
+        stale.unlink(missing_ok=True)  # nor an older run's line-image plot (drawn only when there are line images)
     summary: dict = {"primary_metric": params.classifier.primary_metric, "test_set_sha256": splits.test_hash,
-                     "backbone": params.classifier.backbone, "input_size": params.classifier.input_size}
+                     "backbone": params.classifier.backbone, "input_size": params.classifier.input_size,
+                     "line_images": len(splits.line) if splits.line else 0}
     extra = {"test_set_sha256": splits.test_hash, "synthetic_sha256": _synthetic_hash(synthetic_dir)}
     with tracking.stage_run("train", params, inputs, run_name="train", extra_tags=extra) as parent:
         results = {"real_only": train_variant("real_only", splits, params, inputs, reports_dir, weights_dir)}
@@ -261,6 +291,10 @@ def train_command(params_path: str, processed: Path, synthetic: Path, fid_file: 
         line += (f"; over {len(rep['seeds'])} seeds gain {rep[f'gain_{metric}_mean']:+.4f} "
                  f"+/- {rep[f'gain_{metric}_std']:.4f}")
     click.echo(line + f" -> {metrics_file}, {reports / SUMMARY_FILE}")
+    best = summary.get("registered", {}).get("variant", "real_only")
+    scored = summary[best].get("line_images")
+    click.echo(f"line images: {scored['images']}, {best} accuracy on them {scored['accuracy']:.4f} -> "
+               f"{line_images_file(reports, best)}" if scored else "line images: none imported (no `line` split)")
     if "registered" in summary:
         reg = summary["registered"]
         click.echo(f"registry: {reg['model_name']} v{reg['version']} ({reg['variant']}) -> @{reg['alias']}: "
