@@ -8,8 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import make_processed, run_cli, tiny_run_params
+from conftest import adapt_params
 from diffusers import StableDiffusionImg2ImgPipeline
 from safetensors.torch import load_file
 
@@ -18,34 +17,15 @@ from stablesdg.adaptation import (
     ClassData,
     adapt_class,
     add_placeholder_token,
-    checkpoint_fingerprint,
     class_data,
     diffusion_loss,
     prompt_ids,
 )
-from stablesdg.config import parse_params
+from stablesdg.adaptation_state import checkpoint_fingerprint
 from stablesdg.diffusion import BaseModelError, load_base_pipeline, resolve_base_model
 from stablesdg.errors import AdaptationError, MissingInputError
 from stablesdg.generation import generate_class, load_adapted_pipeline, render
 from stablesdg.utils import sha256_file, sha256_tree
-
-CLASSES = ["crazing", "scratches"]
-
-
-def small_raw(**overrides) -> dict:
-    raw = tiny_run_params(6, 2, {"per_class": 5, "batch_size": 2, "steps": 4, "strength": 0.6, "use_search": False})
-    for key, value in overrides.items():
-        raw.setdefault(key, {}).update(value)
-    return raw
-
-
-def small_params(**overrides) -> object:
-    return parse_params(small_raw(**overrides))
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory):
-    return make_processed(tmp_path_factory.mktemp("data"), CLASSES, per_class=8, size=48)
 
 
 def _base(name: str) -> str:
@@ -58,7 +38,7 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_embedding_stage_changes_only_the_placeholder_row(processed, tmp_path):
-    params = small_params()
+    params = adapt_params()
     pipe = load_base_pipeline(params.model)
     data = class_data(params, processed, "crazing")
     unet_before, vae_before = _snapshot(pipe.unet), _snapshot(pipe.vae)
@@ -78,7 +58,7 @@ def test_embedding_stage_changes_only_the_placeholder_row(processed, tmp_path):
 
 
 def test_lora_stage_changes_only_lora_parameters(processed, tmp_path):
-    params = small_params(adapt={"embedding": {"steps": 0}})
+    params = adapt_params(adapt={"embedding": {"steps": 0}})
     pipe = load_base_pipeline(params.model)
     base_unet, base_text = _snapshot(pipe.unet), _snapshot(pipe.text_encoder)
     data = class_data(params, processed, "scratches")
@@ -100,7 +80,7 @@ def test_lora_stage_changes_only_lora_parameters(processed, tmp_path):
 
 
 def test_loss_falls_on_a_fixed_batch(processed, tmp_path):
-    params = small_params(adapt={"embedding": {"steps": 0},
+    params = adapt_params(adapt={"embedding": {"steps": 0},
                                  "lora": {"steps": 40, "batch_size": 3, "rank": 4, "alpha": 4.0,
                                           "unet_learning_rate": 0.01, "text_learning_rate": 0.001}})
     data = class_data(params, processed, "crazing")
@@ -125,8 +105,8 @@ def test_loss_falls_on_a_fixed_batch(processed, tmp_path):
 
 def test_adapt_resolution_trains_at_its_own_scale(processed, tmp_path):
     """adapt.resolution (null = model.resolution) sets the scale the LoRA sees; the conv U-Net trains at it."""
-    assert class_data(small_params(), processed, "crazing").pixels.shape[-2:] == (32, 32)
-    params = small_params(adapt={"resolution": 48, "embedding": {"steps": 2}, "lora": {"steps": 2}})
+    assert class_data(adapt_params(), processed, "crazing").pixels.shape[-2:] == (32, 32)
+    params = adapt_params(adapt={"resolution": 48, "embedding": {"steps": 2}, "lora": {"steps": 2}})
     data = class_data(params, processed, "crazing")
     assert data.pixels.shape[-2:] == (48, 48)
     run = AdaptRun(params, data, tmp_path / "out", tmp_path / "ckpt")
@@ -140,7 +120,7 @@ def test_full_unet_fine_tuning_trains_every_weight_and_loads_back(processed, tmp
     stock loaders bring the same model back."""
     from diffusers import UNet2DConditionModel
 
-    params = small_params(adapt={"embedding": {"steps": 1},
+    params = adapt_params(adapt={"embedding": {"steps": 1},
                                  "lora": {"steps": 3, "unet": "full", "unet_learning_rate": 1e-3}})
     pipe = load_base_pipeline(params.model)
     before = _snapshot(pipe.unet)
@@ -159,7 +139,7 @@ def test_full_unet_fine_tuning_trains_every_weight_and_loads_back(processed, tmp
 @pytest.fixture(scope="module")
 def adapted(processed, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapted")
-    params = small_params()
+    params = adapt_params()
     pipe, record = adapt_class(params, "crazing", processed, root / "adapters",
                                checkpoint_root=root / "ckpt")
     return params, pipe, record, root
@@ -239,7 +219,7 @@ def test_generation_same_seed_same_bytes_and_resume_equals_straight(adapted, pro
 
 
 def test_adaptation_resumed_after_interruption_equals_straight_run(processed, tmp_path):
-    params = small_params()
+    params = adapt_params()
     _, straight = adapt_class(params, "scratches", processed, tmp_path / "a",
                               checkpoint_root=tmp_path / "ck_a")
     for stop in (3, 5):  # once inside stage 1, once inside stage 2
@@ -260,40 +240,20 @@ def test_adaptation_resumed_after_interruption_equals_straight_run(processed, tm
 
 
 def test_offline_hub_id_names_what_to_download():
-    params = small_params(model={"base": "someone/no-such-model-xyz"})
+    params = adapt_params(model={"base": "someone/no-such-model-xyz"})
     with pytest.raises(BaseModelError, match=r"`hf download someone/no-such-model-xyz"):
         load_base_pipeline(params.model)
 
 
 def test_initializer_must_be_one_token(processed, tmp_path):
-    params = small_params(classes={"crazing": {"initializer": "zqxjkv"}})
+    params = adapt_params(classes={"crazing": {"initializer": "zqxjkv"}})
     with pytest.raises(AdaptationError, match="initializer"):
         adapt_class(params, "crazing", processed, tmp_path, checkpoint_root=tmp_path)
 
 
 def test_adapted_pipeline_loader_refuses_missing_files(tmp_path):
     with pytest.raises(MissingInputError, match="learned_embeds.safetensors not found"):
-        load_adapted_pipeline(small_params().model, "crazing", tmp_path)
-
-
-def test_accelerate_launch_runs_data_parallel_adaptation(processed, tmp_path):
-    """Two data-parallel processes on CPU (gloo): each draws its own batch, gradients are averaged (the
-    run checks that both replicas end bit-identical), and only the main process writes the adapter."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw()))
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-    # `accelerate launch --multi_gpu` starts its processes with torch.distributed.run; on CPU (where accelerate
-    # itself would need mpirun) the test starts them the same way, and Accelerate's state picks gloo.
-    run_cli(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "stablesdg.cli", "adapt", "--class", "crazing", "--processed", str(processed),
-             "--out", "adapters", "--reports", "reports"], tmp_path, env)
-    record = json.loads((tmp_path / "adapters/crazing/adapter.json").read_text())
-    assert record["num_processes"] == 2
-    assert (tmp_path / "reports/crazing_loss.csv").read_text().count("\n") == 1 + 6 + 6
-    _, single = adapt_class(small_params(), "crazing", processed, tmp_path / "single",
-                            checkpoint_root=tmp_path / "ckpt")
-    assert single["num_processes"] == 1
-    assert record["sha256"] != single["sha256"], "two replicas average two batches: a different run"
-    embeds = load_file(tmp_path / "adapters/crazing/learned_embeds.safetensors")
-    assert list(embeds) == ["<crazing>"] and torch.isfinite(embeds["<crazing>"]).all()
+        load_adapted_pipeline(adapt_params().model, "crazing", tmp_path)
 
 
 def test_records_name_project_folders_relative_to_the_project(tmp_path, monkeypatch):
@@ -326,16 +286,16 @@ def test_lora_file_header_is_canonical(tmp_path):
 
 def test_a_checkpoint_of_another_base_model_is_not_resumed(processed, tmp_path):
     """Same params, re-pretrained prior under the same path: resuming its checkpoint would load foreign weights."""
-    params = small_params()
+    params = adapt_params()
     data = ClassData("scratches", "<scratches>", "scratch", torch.zeros(1, 3, 8, 8), [])
     folder = tmp_path / "base"
     shutil.copytree(resolve_base_model(params.model)[0], folder)
-    local = small_params(model={"base": str(folder)})
+    local = adapt_params(model={"base": str(folder)})
     before = checkpoint_fingerprint(local, data)
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes() + b" ")
     assert checkpoint_fingerprint(local, data) != before
-    assert checkpoint_fingerprint(small_params(model={"tiny_seed": 1}), data) != checkpoint_fingerprint(params, data)
+    assert checkpoint_fingerprint(adapt_params(model={"tiny_seed": 1}), data) != checkpoint_fingerprint(params, data)
 
 
 def test_every_sampler_renders_reproducibly_and_the_stochastic_ones_differ_from_ddim(adapted, processed):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_corpus
 from PIL import Image
 
 from stablesdg.config import NEU_CLASSES, MetricsConfig, parse_params
@@ -37,7 +36,6 @@ from stablesdg.metrics import (
 )
 from stablesdg.pretraining.corpus import FolderCorpus
 from stablesdg.pretraining.feature_net import SurfaceNetRecipe, pretrain_surface_net, save_surface_net
-from stablesdg.stages.features import features_command
 from stablesdg.utils import read_json
 
 
@@ -171,15 +169,6 @@ def test_inception_loads_a_weights_file_and_gives_pool3_features(tmp_path):
         load_extractor(params.metrics)
 
 
-def write_corpus(root, sources=("crazing", "patches", "scratches"), per_source=6, size=96):
-    """A small image corpus: one sub-folder per source (demo textures stand in for real surfaces)."""
-    for source in sources:
-        (root / source).mkdir(parents=True, exist_ok=True)
-        for i in range(per_source):
-            demo_image(source, i, 11, size).save(root / source / f"{i}.png")
-    return root
-
-
 def test_surface_net_pretraining_is_deterministic_and_round_trips(tmp_path):
     corpus = FolderCorpus(write_corpus(tmp_path / "corpus"), 64)
     recipe = SurfaceNetRecipe(epochs=2, feature_dim=16, batch_size=8, input_size=64)
@@ -222,17 +211,6 @@ def test_noise_and_novelty_measures():
     assert 0.6 < novelty(rng.normal(size=(50, 8)), real, train) < 1.6, "new samples are as novel as real ones"
     d, idx = nearest_distances(train[:3] + 1e-6, train)
     assert idx.tolist() == [0, 1, 2] and np.all(d < 1e-5)
-
-
-def test_features_command_records_the_shipped_net(tmp_path, mlflow_store):
-    out = tmp_path / "fn"
-    (tmp_path / "params.yaml").write_text("seed: 0\n")
-    result = CliRunner().invoke(features_command, ["--params", str(tmp_path / "params.yaml"), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    record = read_json(out / NET_RECORD)
-    shipped = read_json(SURFACE_NET_DIR / NET_RECORD)
-    assert record["feature_net"] == "surface" and record["weights_sha256"] == shipped["sha256"]
-    assert record["corpus_manifest_sha256"] == shipped["corpus_manifest_sha256"]
 
 
 NEU_CLS = REPO_ROOT.parent / "shared" / "datasets" / "NEU-CLS"

@@ -1,6 +1,7 @@
 """Real-size fixtures and the base-model preflight: CLIP's real BPE, SD 1.5 / 2.1 architectures (checked on the
 meta device against the published parameter counts), a small folder written by the same builder with CLIP's
-tokenizer, and `check-base` on it (complete, a missing file, a two-token initializer), as the stages run it."""
+tokenizer, and the checks on it (complete, a two-token initializer); the `check-base` stage's command is in
+tests/stages/test_check_base.py."""
 
 from __future__ import annotations
 
@@ -8,54 +9,25 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import MINI_CLASSES, mini_arch
 from diffusers import StableDiffusionImg2ImgPipeline
 from transformers import CLIPTokenizer
 
-from stablesdg.basemodels import ARCHS, build_components, build_random_base, write_clip_tokenizer
+from stablesdg.basemodels import ARCHS, build_components, write_clip_tokenizer
 from stablesdg.config import parse_params
 from stablesdg.diffusion import BaseModelError, load_base_pipeline
 from stablesdg.generation import generation_dtype
 from stablesdg.preflight import base_model_fingerprint, check_base, render_report, require_base
-from stablesdg.stages.adapt import adapt_command
-from stablesdg.stages.check_base import check_base_command
 from stablesdg.utils import write_json
-
-# SD 1.5's layout (model_index with a safety checker, CLIP's 49408-token BPE, PNDM) at a size that builds in
-# a second: the builder's own code path, only the widths differ from ARCHS["sd15"].
-MINI = replace(
-    ARCHS["sd15"], name="mini", resolution=64,
-    unet={**ARCHS["sd15"].unet, "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 32,
-          "norm_num_groups": 16, "layers_per_block": 1, "sample_size": 8},
-    vae={**ARCHS["sd15"].vae, "block_out_channels": (16, 16, 32, 32), "norm_num_groups": 8, "sample_size": 64,
-         "layers_per_block": 1},
-    text={**ARCHS["sd15"].text, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "projection_dim": 32},
-)
-CLASSES = {"crazing": {"initializer": "crack"}, "scratches": {"initializer": "line"}}
-
-
-@pytest.fixture(scope="module")
-def mini_folder(tmp_path_factory) -> Path:
-    return build_random_base(MINI, tmp_path_factory.mktemp("mini") / "sd", seed=1)
 
 
 def params_for(folder: Path, classes: dict | None = None, **model):
-    return parse_params({"classes": classes or CLASSES, "model": {"base": str(folder), "resolution": 64, **model},
+    return parse_params({"classes": classes or MINI_CLASSES, "model": {"base": str(folder), "resolution": 64, **model},
                          "adapt": {"device": "cpu"}})
-
-
-def write_params(path: Path, folder: Path, classes: dict | None = None) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump({"classes": classes or CLASSES, "model": {"base": str(folder), "resolution": 64},
-                                    "adapt": {"device": "cpu"}}))
-    return path
 
 
 # --------------------------------------------------------------------------------------- tokenizer, archs
@@ -107,23 +79,10 @@ def test_check_base_on_a_complete_folder(mini_folder):
     assert "listed, not loaded: feature_extractor, safety_checker" in text
     assert report.architecture["family"] == "not SD 1.x/2.x"  # cross-attention 32: SD 1.x has 768, 2.x 1024
     assert report.architecture["prediction_type"] == "epsilon"
-    n = sum(sum(p.numel() for p in m.parameters()) for m in build_components(MINI, "meta").values())
+    n = sum(sum(p.numel() for p in m.parameters()) for m in build_components(mini_arch(), "meta").values())
     assert sum(report.architecture["parameters"].values()) == n
     assert report.device == "cpu" and report.memory["precision"] == "fp32"
     assert not report.warnings  # small model: no real-size CPU warning
-
-
-def test_check_base_names_a_missing_file_and_the_stage_stops_with_it(mini_folder, tmp_path):
-    broken = tmp_path / "sd"
-    shutil.copytree(mini_folder, broken)
-    (broken / "text_encoder" / "model.safetensors").unlink()
-    result = CliRunner().invoke(check_base_command, ["--params", str(write_params(tmp_path / "p.yaml", broken))])
-    assert result.exit_code == 1
-    assert "MISSING  text_encoder/model.safetensors" in result.output
-    assert f"{broken / 'text_encoder' / 'model.safetensors'}: missing" in result.output
-    stage = CliRunner().invoke(adapt_command, ["--class", "crazing", "--params", str(tmp_path / "p.yaml"),
-                                               "--processed", str(tmp_path / "none")])
-    assert stage.exit_code == 1 and f"{broken / 'text_encoder' / 'model.safetensors'}: missing" in stage.output
 
 
 def test_two_token_initializer_is_caught_with_single_token_alternatives(mini_folder, tmp_path):
@@ -155,22 +114,6 @@ def test_fingerprint_hashes_only_the_files_diffusers_loads(mini_folder, tmp_path
     weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes() + b" ")
     assert base_model_fingerprint(model) != before
-
-
-def test_check_base_stage_output_is_stable_and_follows_the_weights(mini_folder, tmp_path):
-    folder = tmp_path / "sd"
-    shutil.copytree(mini_folder, folder)
-    params = str(write_params(tmp_path / "p.yaml", folder))
-    outs = []
-    for _ in range(2):
-        result = CliRunner().invoke(check_base_command, ["--params", params, "--out", str(tmp_path / "base.json")])
-        assert result.exit_code == 0, result.output
-        outs.append((tmp_path / "base.json").read_bytes())
-    assert outs[0] == outs[1]  # DVC re-runs nothing downstream when the model did not change
-    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(weights.read_bytes() + b" ")
-    CliRunner().invoke(check_base_command, ["--params", params, "--out", str(tmp_path / "base.json")])
-    assert (tmp_path / "base.json").read_bytes() != outs[0]
 
 
 # --------------------------------------------------------------------------------------- the other fixes

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from stablesdg.config import DataConfig
-from stablesdg.data import decode_image_bytes
+from stablesdg.decoding import decode_image_bytes
 from stablesdg.preprocess import PreprocessSpec, preprocess_image
 
 line = pytest.importorskip("stablesdg_line")
@@ -87,14 +87,14 @@ def test_full_range_16_bit_is_stretched_on_the_line_not_clipped():
 
 
 def test_ingest_and_the_line_bound_a_files_parse_cost_with_the_same_limits():
-    """The two packages cannot import each other, so data.py keeps its own copy of the line's limits: kept equal."""
+    """The two packages cannot import each other, so decoding.py keeps its own copy of the line's limits: kept equal."""
     from PIL import PngImagePlugin
     from stablesdg_line import images
 
-    import stablesdg.data as data
+    import stablesdg.decoding as decoding
 
     for name in ("ALLOWED_FORMATS", "MAX_JPEG_SCANS", "MAX_JPEG_SCAN_PIXELS", "MAX_TIFF_STRIPS",
                  "MAX_METADATA_BYTES", "MAX_PNG_CHUNKS"):
-        assert getattr(data, name) == getattr(images, name), name
+        assert getattr(decoding, name) == getattr(images, name), name
     assert (PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY) == (
         images.MAX_TEXT_CHUNK_BYTES, images.MAX_TEXT_TOTAL_BYTES)

@@ -1,4 +1,5 @@
-"""The embedded prior: corpus pretraining (tiny recipe), stock loading, integrity check, VAE reconstruction."""
+"""The embedded prior: corpus pretraining (tiny recipe), stock loading, integrity check, SSIM; the `stablesdg prior`
+commands are in tests/commands/test_prior.py."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import PRIOR_TINY
 from PIL import Image
 
-from stablesdg.commands.prior import prior_group
-from stablesdg.demo import demo_image
 from stablesdg.diffusion import EMBEDDED_PRIOR
 from stablesdg.metrics import psnr, ssim
 from stablesdg.pretraining.corpus import CorpusError, FolderCorpus
@@ -26,32 +25,12 @@ from stablesdg.pretraining.prior import (
 )
 from stablesdg.utils import read_json
 
-TINY = dict(resolution=32, vae_channels=(16, 32), latent_channels=4, unet_channels=(16, 32), text_hidden=32,
-            vae_steps=3, vae_crop=16, vae_batch_size=2, unet_steps=3, batch_size=2)
 
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for source in ("crazing", "patches"):
-        (root / source).mkdir()
-        for i in range(4):
-            demo_image(source, i, 5, 64).save(root / source / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(corpus_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prior") / "prior"
-    record = pretrain(PriorRecipe(**TINY), out, corpus_dir)
-    return out, record
-
-
-def test_pretrain_records_corpus_recipe_and_every_file(trained, corpus_dir):
-    out, record = trained
+def test_pretrain_records_corpus_recipe_and_every_file(tiny_prior, prior_corpus):
+    out, record = tiny_prior
     recipe = record["recipe"]
-    assert recipe["corpus"] == corpus_dir.name and recipe["corpus_images"] == 8
-    assert recipe["corpus_manifest_sha256"] == FolderCorpus(corpus_dir, 32).manifest_sha256()
+    assert recipe["corpus"] == prior_corpus.name and recipe["corpus_images"] == 8
+    assert recipe["corpus_manifest_sha256"] == FolderCorpus(prior_corpus, 32).manifest_sha256()
     assert record["device"] == "cpu" and record["steps"] == {"vae": 3, "unet": 3} and record["seconds"] > 0
     assert "unet/diffusion_pytorch_model.safetensors" in record["files"]
     assert read_json(out / "recipe.json") == json.loads(json.dumps(record))
@@ -63,17 +42,17 @@ def test_pretrain_records_corpus_recipe_and_every_file(trained, corpus_dir):
     weights.write_bytes(original)
 
 
-def test_pretraining_is_deterministic(corpus_dir, tmp_path, trained):
-    _, record = trained
-    again = pretrain(PriorRecipe(**TINY), tmp_path / "again", corpus_dir)
+def test_pretraining_is_deterministic(prior_corpus, tmp_path, tiny_prior):
+    _, record = tiny_prior
+    again = pretrain(PriorRecipe(**PRIOR_TINY), tmp_path / "again", prior_corpus)
     assert again["files"]["unet/diffusion_pytorch_model.safetensors"] == \
         record["files"]["unet/diffusion_pytorch_model.safetensors"]
 
 
-def test_stock_diffusers_loads_the_prior_and_denoises_at_its_resolution(trained):
+def test_stock_diffusers_loads_the_prior_and_denoises_at_its_resolution(tiny_prior):
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    out, _ = trained
+    out, _ = tiny_prior
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 4
     image = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
@@ -105,18 +84,6 @@ def test_ssim_matches_between_numpy_and_torch_and_orders_quality():
     assert float(ssim_torch(ta, tn)) == pytest.approx(ssim(a, noisy), abs=0.03)
 
 
-def test_reconstruct_reports_per_class(trained, corpus_dir, tmp_path):
-    out, _ = trained
-    result = CliRunner().invoke(prior_group, ["reconstruct", "--images", str(corpus_dir), "--folder", str(out),
-                                              "--limit", "8", "--out", str(tmp_path / "rep")])
-    assert result.exit_code == 0, result.output
-    report = read_json(tmp_path / "rep" / "vae_reconstruction.json")
-    assert report["resolution"] == 32 and report["images"] == 8
-    assert set(report["per_class"]) == {"crazing", "patches"}
-    assert all(0 < r["psnr"] < 100 and -1 <= r["ssim"] <= 1 for r in report["per_class"].values())
-    assert (tmp_path / "rep" / "vae_grid.png").exists()
-
-
 def test_empty_corpus_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(CorpusError, match="no images found"):
@@ -143,8 +110,8 @@ def test_time_budget_fixes_the_step_count_after_the_probe(monkeypatch):
     assert plan.lr_factor(plan.steps - 1) < 1e-4
 
 
-def test_view_batches_are_seeded_in_process_and_in_workers(corpus_dir):
-    corpus = FolderCorpus(corpus_dir, 32)
+def test_view_batches_are_seeded_in_process_and_in_workers(prior_corpus):
+    corpus = FolderCorpus(prior_corpus, 32)
 
     def take(workers):
         batches = view_batches(corpus, seed=3, count=4, crop=16, workers=workers)
@@ -159,15 +126,15 @@ def test_view_batches_are_seeded_in_process_and_in_workers(corpus_dir):
     assert not torch.equal(two[0][0], two[1][0])  # the two workers draw different views
 
 
-def test_packed_corpus_is_recorded_under_its_source_and_ema_changes_the_weights(corpus_dir, trained, tmp_path):
+def test_packed_corpus_is_recorded_under_its_source_and_ema_changes_the_weights(prior_corpus, tiny_prior, tmp_path):
     packed = tmp_path / "packed"
-    for src in corpus_dir.rglob("*.png"):
+    for src in prior_corpus.rglob("*.png"):
         (packed / src.parent.name).mkdir(parents=True, exist_ok=True)
         Image.open(src).save((packed / src.parent.name / src.name).with_suffix(".webp"), "WEBP", quality=90)
     packing = {"source": "surface-corpus", "source_manifest_sha256": "ab" * 32, "format": "grey WebP quality 90"}
     (packed / PACKING_FILE).write_text(json.dumps(packing))
-    record = pretrain(PriorRecipe(**{**TINY, "ema_decay": 0.9}), tmp_path / "ema", packed)
+    record = pretrain(PriorRecipe(**{**PRIOR_TINY, "ema_decay": 0.9}), tmp_path / "ema", packed)
     assert record["recipe"]["corpus"] == "surface-corpus" and record["corpus_packing"] == packing
     assert record["recipe"]["corpus_images"] == 8
     assert record["files"]["unet/diffusion_pytorch_model.safetensors"] != \
-        trained[1]["files"]["unet/diffusion_pytorch_model.safetensors"]
+        tiny_prior[1]["files"]["unet/diffusion_pytorch_model.safetensors"]

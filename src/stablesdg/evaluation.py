@@ -10,8 +10,16 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import heldout_paths, split_paths
-from .metrics import Scorer, detail_ratio, load_image, nearest_distances, novelty, ssim
-from .provenance import EVALUATE_MEANS
+from .metrics import Scorer, detail_ratio, load_image, metric_keys, nearest_distances, novelty, ssim
+
+# The evaluate metrics averaged over classes, in report order: (the per-class key, its short name in
+# metrics/fid.json; None: in the evaluate report only). "fid" and "kid_mean" stand for the feature net's names
+# (`metrics.metric_keys`: fid_surface, kid_surface_mean). Adding a metric is its function in metrics.py, and here
+# a row and its per-class value in `evaluate_sets`. The registry tags and the ONNX provenance keep mean FID and
+# KID only (`provenance.short_name`): that contract is the line runtime's (deploy/ PROVENANCE_KEYS).
+EVALUATE_MEANS: tuple[tuple[str, str | None], ...] = (
+    ("fid", "fid"), ("kid_mean", "kid"), ("novelty", "novelty"), ("nearest_train_ssim", None), ("detail_ratio", None),
+)
 
 
 def closeness(scorer: Scorer, processed: Path, cls: str, fake: list[Path]) -> dict[str, float]:
@@ -38,3 +46,10 @@ def evaluate_sets(processed: Path, synthetic: dict[str, list[Path]], scorer: Sco
     mean = {k: sum(v[k] for v in per_class.values()) / len(per_class)
             for k in (keys.get(name, name) for name, _ in EVALUATE_MEANS)}
     return {"feature_net": scorer.extractor.name, "per_class": per_class, "mean": mean}
+
+
+def short_means(result: dict) -> dict[str, float]:
+    """The means metrics/fid.json declares, under their short names whatever the feature net (the table's)."""
+    keys, mean = metric_keys(result["feature_net"]), result["mean"]
+    return {short: float(mean[keys.get(name, name)]) for name, short in EVALUATE_MEANS
+            if short and keys.get(name, name) in mean}

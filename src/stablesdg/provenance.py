@@ -82,28 +82,20 @@ def prior_recipe_sha256(recipe: Path = PRIOR_RECIPE) -> str:
     return sha256_file(recipe) if recipe.exists() else "none"
 
 
-# The evaluate metrics averaged over classes, in report order: (the per-class key, its short name in
-# metrics/fid.json and in `means_of`; None: in the evaluate report only). "fid" and "kid_mean" stand for the
-# feature net's names (`metrics.metric_keys`: fid_surface, kid_surface_mean). Adding a metric is a row here and
-# its per-class value in `evaluation.evaluate_sets`. The registry tags and the ONNX provenance keep mean FID and
-# KID only: that contract is the line runtime's (deploy/ PROVENANCE_KEYS).
-EVALUATE_MEANS: tuple[tuple[str, str | None], ...] = (
-    ("fid", "fid"), ("kid_mean", "kid"), ("novelty", "novelty"), ("nearest_train_ssim", None), ("detail_ratio", None),
-)
-
-
 def short_name(report_key: str) -> str | None:
-    """A mean's short name: `fid_<net>` -> fid, `kid_<net>_mean` -> kid, a short name itself, else the table's."""
+    """A mean's short name in the provenance: `fid_<net>` -> fid, `kid_<net>_mean` -> kid (the short names
+    themselves too); None for the other means (the registry tags and the ONNX provenance keep mean FID and KID
+    only: that contract is the line runtime's, deploy/ PROVENANCE_KEYS). The table of evaluate metrics is
+    `evaluation.EVALUATE_MEANS`."""
     if report_key == "fid" or report_key.startswith("fid_"):
         return "fid"
     if report_key == "kid" or (report_key.startswith("kid_") and report_key.endswith("_mean")):
         return "kid"
-    shorts = {short for _, short in EVALUATE_MEANS if short}
-    return report_key if report_key in shorts else dict(EVALUATE_MEANS).get(report_key)
+    return None
 
 
 def fid_means(fid_file: str | Path | None) -> dict[str, float | str]:
-    """Mean FID / KID (and novelty) of the synthetic set from metrics/fid.json, whatever the feature net.
+    """Mean FID / KID of the synthetic set from metrics/fid.json, whatever the feature net.
 
     Reads the compact layout (`fid`, `kid`, ...) and the older one (`mean: {fid_<net>, kid_<net>_mean}`).
     """

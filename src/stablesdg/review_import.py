@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .data import IMAGE_EXTENSIONS, REVIEW_MANIFEST, DataError
+from .data import REVIEW_MANIFEST, DataError
+from .decoding import IMAGE_EXTENSIONS
 
 MANIFEST = REVIEW_MANIFEST
 MANIFEST_FIELDS = ["path", "class", "sha256", "policy", "line", "model_version", "model_sha256",

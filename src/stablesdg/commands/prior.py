@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..data import IMAGE_EXTENSIONS
+from ..decoding import IMAGE_EXTENSIONS
 from ..diffusion import EMBEDDED_PRIOR
 from ..pretraining.corpus import CorpusError
 from ..pretraining.prior import PriorRecipe, pretrain, vae_reconstruction, verify_prior

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
-from ..data import IMAGE_EXTENSIONS
+from ..decoding import IMAGE_EXTENSIONS
 from ..utils import derive_seed, sha256_file
 
 

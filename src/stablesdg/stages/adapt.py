@@ -14,7 +14,8 @@ import mlflow
 from PIL import Image
 
 from .. import tracking
-from ..adaptation import AdaptRun, ClassData, prepare_adaptation, process_state
+from ..adaptation import AdaptRun, ClassData, prepare_adaptation
+from ..adaptation_state import process_state
 from ..config import Params
 from ..generation import render
 from ..preflight import require_base

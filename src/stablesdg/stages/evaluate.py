@@ -12,9 +12,8 @@ from PIL import Image
 from .. import tracking
 from ..data import split_paths, synthetic_paths
 from ..errors import MissingInputError
-from ..evaluation import evaluate_sets
+from ..evaluation import evaluate_sets, short_means
 from ..metrics import load_scorer
-from ..provenance import means_of
 from ..utils import write_json
 from ..viz import image_grid, save_image
 from .common import (
@@ -46,7 +45,7 @@ def fid_metrics(result: dict) -> dict:
     """What metrics/fid.json declares to DVC: the means under short keys whatever the feature net (the param
     `metrics.feature_net` says which, and `dvc exp show` shows it when it changes); the per-class detail and
     the net's name go to the report (reports/evaluate/fid_per_class.json)."""
-    return {k: round(float(v), 4) for k, v in means_of(result).items() if k != "feature_net"}
+    return {k: round(v, 4) for k, v in short_means(result).items()}
 
 
 def real_vs_synthetic_grid(real: list[Path], fake: list[Path], n: int = 8) -> Image.Image:
