@@ -1,7 +1,7 @@
 """Safe image decoding and the exact preprocessing of the model contract.
 
 The mode step (`to_channel_mode`) is the one preprocessing contract shared with training: StableSDG's ingest
-(`stablesdg.data.to_8bit`) normalises 16-bit, 32-bit and float images the same way, and a test in the main
+(`stablesdg.decoding.to_8bit`) normalises 16-bit, 32-bit and float images the same way, and a test in the main
 suite checks that both paths give the same array for 8-bit, 16-bit, RGBA, palette and CMYK inputs.
 """
 
@@ -364,7 +364,7 @@ def to_8bit(img: Image.Image) -> Image.Image:
     """16-bit, 32-bit and float single-channel images -> 8-bit L, stretched by the image's own range.
 
     PIL's convert('L') would clip everything above 255. Non-finite samples are ignored for the range and
-    become 0. Every other mode is returned as is. Must stay identical to `stablesdg.data.to_8bit`.
+    become 0. Every other mode is returned as is. Must stay identical to `stablesdg.decoding.to_8bit`.
     """
     if img.mode not in HIGH_DEPTH_MODES:
         return img
