@@ -3,6 +3,9 @@ CLI errors (exit code 1, the message, no traceback)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -90,3 +93,23 @@ def test_threads_zero_is_refused_naming_the_key(tmp_path):
     path.write_text("threads: 0\n")
     with pytest.raises(click.ClickException, match="threads"):
         load_or_exit(str(path))
+
+
+def test_a_stage_without_torch_does_not_import_it_and_a_later_import_gets_the_count(tmp_path):
+    # demo and ingest never compute with torch: loading params must not import it (1-2 s a stage), yet a torch
+    # imported afterwards must still run on params.yaml's thread count.
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 1\nthreads: 1\n")
+    script = (
+        "import os, sys\n"
+        "os.environ.pop('OMP_NUM_THREADS', None)\n"
+        "from stablesdg.stages.common import load_or_exit\n"
+        f"load_or_exit({str(path)!r})\n"
+        "print('torch' in sys.modules)\n"
+        "import torch\n"
+        "print(torch.get_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    imported_before, threads_after = out.stdout.split()
+    assert imported_before == "False"
+    assert threads_after == "1"

@@ -4,6 +4,8 @@ translation of the library's domain errors into one-line CLI errors."""
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,11 +54,18 @@ def load_or_exit(path: str) -> Params:
 
 
 def set_threads(threads: int | None) -> None:
-    """torch's CPU thread count (`threads` in params.yaml), before a stage computes anything."""
-    if threads is not None:
-        import torch  # lazy: the stages that never touch torch (demo, ingest) pay for the import only here
+    """torch's CPU thread count (`threads` in params.yaml), before a stage computes anything.
 
+    A stage that computes with torch has imported it at module level, so its count is set directly. The stages that
+    never touch torch (demo, ingest) must not pay for importing it: for them the count goes into OMP_NUM_THREADS,
+    which torch reads when it is imported later, if ever."""
+    if threads is None:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None:
         torch.set_num_threads(threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def load_for_class(path: str, cls: str) -> Params:
