@@ -8,7 +8,7 @@ clients against the shipped limits while /health is polled.
 Per kind, --repeats requests of one file each, one at a time: CPU = the server's utime + stime over the
 request (/proc/PID/stat), peak RSS above idle = VmHWM after the request (reset through /proc/PID/clear_refs
 before it) less VmRSS before it. "before" is the same server with the structure limits (scans, scans x
-pixels, strips, metadata bytes, PNG chunks) raised out of reach, Pillow's own PNG text limits (1 MB a chunk,
+pixels, progression order, strips, metadata bytes, PNG chunks) raised out of reach, Pillow's own PNG text limits (1 MB a chunk,
 64 MB in all) and no decode deadline: what main had before issue 24's limits. A "before" request is cut
 after --before-timeout seconds (the server is then restarted, so one slow file does not bill the next).
 
@@ -44,7 +44,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # The server with issue 24's structure limits lifted and Pillow's PNG text limits back to its defaults.
 LIFTED = ("import sys, PIL.PngImagePlugin as png, stablesdg_line.images as im; "
           "im.MAX_JPEG_SCANS = im.MAX_JPEG_SCAN_PIXELS = im.MAX_TIFF_STRIPS = im.MAX_PNG_CHUNKS = 10**18; "
-          "im.MAX_METADATA_BYTES = 10**18; png.MAX_TEXT_CHUNK = 2**20; png.MAX_TEXT_MEMORY = 64 * 2**20; "
+          "im.MAX_METADATA_BYTES = 10**18; im._jpeg_progression_fault = lambda data, first_scan: None; png.MAX_TEXT_CHUNK = 2**20; png.MAX_TEXT_MEMORY = 64 * 2**20; "
           "from stablesdg_line.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
@@ -74,7 +74,10 @@ def hostile_kinds() -> dict[str, tuple[str, bytes]]:
         "TIFF 100 000 tiles": ("tiles_100k.tif", corpus["tiles_100k.tif"][0]),
         "JPEG 5000 scans of 1000x1000": ("scans_5000.jpg", bad.slow_progressive_jpeg(1000, 5000)),
         "JPEG 60 scans of 6000x6000": ("scan_budget.jpg", corpus["scan_budget.jpg"][0]),
-        "JPEG 60 scans of 2580x2580 (within limits)": ("slow_2580.jpg", bad.slow_progressive_jpeg(2580)),
+        "JPEG 60 scans of 2580x2580 (one refinement repeated)": ("slow_2580.jpg", bad.slow_progressive_jpeg(2580)),
+        "JPEG 45 scans of 2981x2981 (deepest valid progression)": ("deep_2981.jpg", bad.deepest_progression_jpeg(2981)),
+        "JPEG 40 MP progressive, textured (valid: the costliest image the limits let through)":
+            ("costly_valid.jpg", bad.costly_valid_jpeg()),
         "JPEG 4 MB ICC profile": ("icc_huge.jpg", corpus["icc_huge.jpg"][0]),
         "JPEG 40 EXIF segments (2.4 MB)": ("app1_exif_many.jpg", corpus["app1_exif_many.jpg"][0]),
         "WebP 2 MB EXIF chunk": ("webp_exif_huge.webp", corpus["webp_exif_huge.webp"][0]),

@@ -146,7 +146,7 @@ def valid_unusual() -> dict[str, bytes]:
         "ok_animated.webp": _frames("WEBP", 3, lossless=True),
         "ok_exif_icc.jpg": _encode(img, "JPEG", quality=90, icc_profile=b"\x00" * 200_000,
                                    exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x00"),
-        "ok_60_scans_small.jpg": jpeg_with_scans(50),
+        "ok_45_scans.jpg": deepest_progression_jpeg(256),  # the most scans a valid progression has
         "ok_png_named.jpg": _encode(noisy(40), "PNG"),
     }
 
@@ -233,6 +233,39 @@ def slow_progressive_jpeg(side: int, scans: int = 60) -> bytes:
     starts = [i for i in range(len(jpg) - 1) if jpg[i] == 0xFF and jpg[i + 1] == 0xDA]
     refine = jpg[starts[5]:starts[6]]  # libjpeg's simple progression: scan 5 refines Y AC 1-63
     return jpg[:-2] + refine * (scans - len(starts)) + b"\xff\xd9"
+
+
+def _with_point_transform(scan: bytes, ah: int, al: int) -> bytes:
+    """A scan (SOS header first) with its successive-approximation byte set to Ah, Al."""
+    at = 5 + 2 * scan[4] + 2
+    return scan[:at] + bytes([ah << 4 | al]) + scan[at + 1:]
+
+
+def deepest_progression_jpeg(side: int, depth: int = 13) -> bytes:
+    """A valid progressive JPEG with as many scans as T.81 allows a frame: every AC band sent first at
+    Al = `depth` (13 at most), then refined one bit a scan (45 scans). Built from libjpeg's 10-scan script of
+    a flat frame, whose AC scans are EOB runs, so the same bytes decode at any point transform."""
+    jpg = _encode(Image.new("RGB", (side, side), (120, 120, 120)), "JPEG", progressive=True, quality=90)
+    starts = [i for i in range(len(jpg) - 1) if jpg[i] == 0xFF and jpg[i + 1] == 0xDA] + [len(jpg) - 2]
+    # each scan, then the tables of the next one
+    scan = [jpg[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+
+    def refinements(k: int, down_to: int) -> list[bytes]:  # scan k without its trailing tables, refined
+        body = scan[k][:scan[k].find(b"\xff\xc4", 4)] if b"\xff\xc4" in scan[k][4:] else scan[k]
+        return [_with_point_transform(body, ah, ah - 1) for ah in range(depth, down_to, -1)]
+
+    first = [scan[0], *(_with_point_transform(scan[k], 0, depth) for k in (1, 2, 3, 4))]
+    # libjpeg's script: 5 refines Y 1-63 (Ah 2), 6 the DC, 7 / 8 / 9 refine Cr / Cb / Y to Al 0
+    return (jpg[:starts[0]] + b"".join([*first, *refinements(5, 2), scan[5], scan[6], *refinements(7, 1),
+                                        scan[7], *refinements(8, 1), scan[8], scan[9]]) + b"\xff\xd9")
+
+
+def costly_valid_jpeg(side: int = 6324) -> bytes:
+    """A valid progressive JPEG at the 40 MP pixel limit, textured so that every scan carries data: the
+    costliest image the limits let through (about 0.4 s of CPU to decode here)."""
+    coarse = np.random.default_rng(side).integers(0, 256, (side // 16 + 1, side // 16 + 1, 3), dtype=np.uint8)
+    texture = Image.fromarray(coarse, "RGB").resize((side, side), Image.Resampling.BICUBIC)
+    return _encode(texture, "JPEG", progressive=True, quality=90)
 
 
 def hostile_bytes() -> dict[str, tuple[bytes, str]]:
@@ -389,6 +422,8 @@ def hostile_corpus() -> dict[str, tuple[bytes, str, str]]:
                            *CANNOT_DECODE),
         # JPEG: scans, EXIF / ICC / comment bombs, frame headers, segments
         "scans_65.jpg": (jpeg_with_scans(56), "scans", "scans"),
+        "scans_repeated.jpg": (jpeg_with_scans(50), "progression order", "progression order"),
+        "refinement_repeated.jpg": (slow_progressive_jpeg(2580), "progression order", "progression order"),
         "app1_exif_many.jpg": (_jpeg_segments([(0xE1, b"Exif\x00\x00" + b"\x00" * 60_000)] * 40), *METADATA),
         "icc_huge.jpg": (_encode(noisy(32), "JPEG", icc_profile=b"\x00" * (4 * 2**20)), *METADATA),
         "comment_huge.jpg": (_jpeg_segments([(0xFE, b"c" * 65_000)] * 20), *METADATA),

@@ -120,10 +120,12 @@ def costly_structure(raw: bytes) -> str | None:
     metadata = 0
     if raw.startswith(b"\xff\xd8"):
         scans = raw.count(b"\xff\xda")  # entropy-coded data stuffs 0xFF with 0x00: FF DA is always a marker
-        width, height, metadata = _jpeg_frame(raw)
+        width, height, metadata, progressive, first_scan = _jpeg_frame(raw)
         if scans > MAX_JPEG_SCANS or scans * width * height > MAX_JPEG_SCAN_PIXELS:
             return (f"costly structure: JPEG has {scans} scans of {width}x{height} pixels (limits "
                     f"{MAX_JPEG_SCANS} scans, {MAX_JPEG_SCAN_PIXELS} scans x pixels)")
+        if progressive and metadata <= MAX_METADATA_BYTES and (fault := _out_of_order_scan(raw, first_scan)):
+            return fault
     elif raw.startswith(b"\x89PNG\r\n\x1a\n"):
         chunks, metadata = _png_layout(raw)
         if chunks > MAX_PNG_CHUNKS:
@@ -139,9 +141,10 @@ def costly_structure(raw: bytes) -> str | None:
     return None
 
 
-def _jpeg_frame(raw: bytes) -> tuple[int, int, int]:
-    """A JPEG's width and height (SOFn) and its APPn + COM bytes, from the segments before the first scan."""
-    at, cols, rows, extra = 2, 0, 0, 0
+def _jpeg_frame(raw: bytes) -> tuple[int, int, int, bool, int]:
+    """A JPEG's width and height (SOFn), its APPn + COM bytes, whether the frame is progressive and where its
+    first scan starts (-1: none), from the segments before that scan."""
+    at, cols, rows, extra, progressive = 2, 0, 0, 0, False
     while at + 4 <= len(raw) and raw[at] == 0xFF and raw[at + 1] != 0xDA:
         kind = raw[at + 1]
         if kind == 0xFF:
@@ -150,9 +153,36 @@ def _jpeg_frame(raw: bytes) -> tuple[int, int, int]:
         size = struct.unpack(">H", raw[at + 2:at + 4])[0]
         if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC) and not cols and at + 9 <= len(raw):
             rows, cols = struct.unpack(">HH", raw[at + 5:at + 9])
+            progressive = kind in (0xC2, 0xC6, 0xCA, 0xCE)
         extra += size if kind == 0xFE or 0xE0 <= kind <= 0xEF else 0
         at += 2 + size
-    return cols, rows, extra
+    first_scan = at if at + 1 < len(raw) and raw[at:at + 2] == b"\xff\xda" else -1
+    return cols, rows, extra, progressive, first_scan
+
+
+def _out_of_order_scan(raw: bytes, at: int) -> str | None:
+    """The first scan that breaks successive approximation (ITU-T T.81 G.1.1.1.2: a coefficient goes first at
+    Ah = 0, then one bit a scan, Ah = the last Al and Al = Ah - 1), as a reason; None for a valid progression.
+    The line runtime refuses the same files (stablesdg_line.images._jpeg_progression_fault): libjpeg decodes
+    a repeated scan again, so a 41 kB file could cost 0.6 s of CPU."""
+    precision: dict[int, list[int]] = {}  # component id -> Al each coefficient was last sent at (-1: not yet)
+    number = 0
+    while at >= 0 and at + 5 <= len(raw):
+        number += 1
+        n = raw[at + 4]
+        tail = at + 5 + 2 * n
+        if tail + 3 > len(raw):
+            break  # cut short: Pillow gives the reason
+        first, last, high, low = raw[tail], raw[tail + 1], raw[tail + 2] >> 4, raw[tail + 2] & 0x0F
+        for component in raw[at + 5:tail:2] if first <= last < 64 else b"":
+            coefficients = precision.setdefault(component, [-1] * 64)
+            wanted = high if high else -1
+            if any(c != wanted for c in coefficients[first:last + 1]) or (high and low != high - 1):
+                return (f"costly structure: JPEG scan {number} is out of progression order (coefficients "
+                        f"{first}-{last} of component {component} at Ah={high} Al={low})")
+            coefficients[first:last + 1] = [low] * (last - first + 1)
+        at = raw.find(b"\xff\xda", tail)
+    return None
 
 
 def _png_layout(raw: bytes) -> tuple[int, int]:

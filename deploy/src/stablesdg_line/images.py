@@ -50,9 +50,12 @@ PNG_CRITICAL_CHUNKS = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
 WEBP_IMAGE_CHUNKS = (b"VP8 ", b"VP8L", b"VP8X", b"ALPH", b"ANIM", b"ANMF")
 # Each progressive scan revisits every block of the image: a refinement scan of a few bytes over 36 MP costs
 # ~30 ms, so 60 of them 1.5 s from a 215 kB file. Scans x pixels is bounded too: the 10 scans of libjpeg's
-# progressive script over a 40 MP frame, which decode in < 0.5 s whatever the scans hold.
+# progressive script over a 40 MP frame (a textured one decodes in 0.4 s here). Within that budget, scans that
+# repeat a refinement are refused by the progression check (_jpeg_progression_fault).
 MAX_JPEG_SCAN_PIXELS = 400_000_000
 JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC
+JPEG_PROGRESSIVE_SOF_MARKERS = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+NOT_SENT = 0xFF  # a coefficient no scan has sent yet (an Al is 0-13)
 PngImagePlugin.MAX_TEXT_CHUNK = MAX_TEXT_CHUNK_BYTES  # Pillow's own limits (defaults 1 MB / 64 MB)
 PngImagePlugin.MAX_TEXT_MEMORY = MAX_TEXT_TOTAL_BYTES
 TIFF_STRIP_TAGS = (273, 324)  # StripOffsets, TileOffsets
@@ -174,25 +177,62 @@ def _jpeg_scans(data: bytes) -> int:
     return data.count(b"\xff\xda")
 
 
-def _jpeg_header(data: bytes) -> tuple[int, int, int]:
-    """(width, height, metadata bytes) from the marker segments before the first scan, the ones Pillow
-    parses and keeps (width and height 0 without a frame header: Pillow gives the reason). Metadata: the
-    APP0-APP15 and COM segments."""
-    pos, width, height, metadata = 2, 0, 0, 0
+@dataclass(frozen=True)
+class JpegHeader:
+    """What the marker segments before the first scan say: the ones Pillow parses and keeps."""
+
+    width: int  # 0 without a frame header: Pillow gives the reason
+    height: int
+    metadata: int  # bytes of the APP0-APP15 and COM segments
+    progressive: bool
+    first_scan: int  # offset of the first SOS marker (-1: none)
+
+
+def _jpeg_header(data: bytes) -> JpegHeader:
+    pos, width, height, metadata, progressive = 2, 0, 0, 0, False
     while pos + 4 <= len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
         if marker == 0xDA:
-            break
+            return JpegHeader(width, height, metadata, progressive, pos)
         (length,) = struct.unpack_from(">H", data, pos + 2)
         if marker in JPEG_SOF_MARKERS and pos + 9 <= len(data) and not width:
             height, width = struct.unpack_from(">HH", data, pos + 5)
+            progressive = marker in JPEG_PROGRESSIVE_SOF_MARKERS
         if 0xE0 <= marker <= 0xEF or marker == 0xFE:
             metadata += length
         pos += 2 + length
-    return width, height, metadata
+    return JpegHeader(width, height, metadata, progressive, -1)
+
+
+def _jpeg_progression_fault(data: bytes, first_scan: int) -> str | None:
+    """Why a progressive JPEG's scans break ITU-T T.81's successive approximation (G.1.1.1.2), or None.
+
+    A coefficient is first sent with Ah = 0; each later scan of it refines it by one bit (its Ah is the
+    previous scan's Al, and Al = Ah - 1). So no coefficient has more than 14 scans, and a frame's decoding
+    cost is bounded by its pixels. libjpeg only warns on a scan that breaks this and decodes it again: a flat
+    2580 x 2580 frame with one refinement scan repeated 50 times is 41 kB and costs 0.6 s of CPU
+    (issue 24)."""
+    last_al: dict[int, bytearray] = {}  # component id -> per coefficient, the Al it was last sent at
+    pos, scan = first_scan, 1
+    while pos >= 0 and pos + 5 <= len(data):
+        components = data[pos + 4]
+        ends = pos + 5 + 2 * components
+        if ends + 3 > len(data):
+            return None  # cut short: Pillow gives the reason
+        ss, se, ah, al = data[ends], data[ends + 1], data[ends + 2] >> 4, data[ends + 2] & 0x0F
+        if ss <= se < 64:
+            expected = NOT_SENT if ah == 0 else ah
+            for component in data[pos + 5:ends:2]:
+                band = last_al.setdefault(component, bytearray([NOT_SENT]) * 64)
+                if band[ss:se + 1].count(expected) != se - ss + 1 or (ah and al != ah - 1):
+                    return _progression_fault(scan, component, ss, se, ah, al, band[ss:se + 1])
+                band[ss:se + 1] = bytes([al]) * (se - ss + 1)
+        scan += 1
+        pos = data.find(b"\xff\xda", ends)
+    return None
 
 
 def _png_chunks(data: bytes) -> tuple[int, int]:
@@ -240,6 +280,16 @@ def _tiff_strips(data: bytes) -> int:
     return 0
 
 
+def _progression_fault(scan: int, component: int, ss: int, se: int, ah: int, al: int, sent: bytearray) -> str:
+    before = sorted(set(sent) - {NOT_SENT})
+    earlier = (f"earlier scans sent them at Al={'/'.join(map(str, before))}" if before
+               else "no earlier scan sent them")
+    return (f"JPEG scan {scan} is out of progression order: it sends coefficients {ss}-{se} of component "
+            f"{component} at Ah={ah} Al={al}, and {earlier}; a progressive JPEG sends a coefficient first at "
+            "Ah=0, then refines it one bit a scan (ITU-T T.81 G.1.1.1.2). libjpeg would decode such a repeat "
+            "again: refused before decoding")
+
+
 def check_structure(stream: BinaryIO) -> bytes:
     """Refuse, before any parser runs, a file whose structure alone would cost more than an image can need;
     returns the file's bytes (the stream is left where it was)."""
@@ -251,13 +301,16 @@ def check_structure(stream: BinaryIO) -> bytes:
         if scans > MAX_JPEG_SCANS:
             raise ImageRejected(f"JPEG has {scans} scans, above the limit of {MAX_JPEG_SCANS} (a progressive "
                                 "camera frame has about 10): refused before decoding")
-        width, height, metadata = _jpeg_header(data)
+        header = _jpeg_header(data)
+        width, height, metadata = header.width, header.height, header.metadata
         if scans * width * height > MAX_JPEG_SCAN_PIXELS:
             raise ImageRejected(f"JPEG has {scans} scans of {width}x{height} pixels, above the limit of "
                                 f"{MAX_JPEG_SCAN_PIXELS} scans x pixels (each scan decodes the whole image "
                                 "again): refused before decoding")
         if metadata > MAX_METADATA_BYTES:
             raise _too_much_metadata("JPEG", metadata)
+        if header.progressive and (fault := _jpeg_progression_fault(data, header.first_scan)):
+            raise ImageRejected(fault)
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         chunks, metadata = _png_chunks(data)
         if chunks > MAX_PNG_CHUNKS:
