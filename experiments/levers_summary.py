@@ -24,7 +24,8 @@ CAPACITY = {"r16": "LoRA rank 16", "r64": "LoRA rank 64", "r4_200": "LoRA rank 4
 # Whole synthetic sets at 200 px scored by `stablesdg evaluate` (OUT/<file>), after the 128 px one
 SETS_200 = {"r200_fid_per_class.json": "200 px, DDIM 10, search grid 0.4/0.55/0.7 (set r200 of the recognition rows)",
             "r200g4_fid_per_class.json": "200 px, DDIM 10, search grid 0.4-0.85 (experiments/neu.params now)",
-            "strengthset_fid_per_class.json": "200 px, each image's strength drawn from 0.4/0.55/0.7/0.85 (DA-Fusion)"}
+            "strengthset_fid_per_class.json": "200 px, each image's strength drawn from 0.4/0.55/0.7/0.85 (DA-Fusion)",
+            "a200_fid_per_class.json": "200 px, search grid 0.4-0.85, LoRA adapted at 200 px (adapt.resolution: 200)"}
 
 
 def generation_rows() -> list[str]:
@@ -103,6 +104,8 @@ def main() -> None:
     for sub, label in (("resnet18", "resnet18, from scratch"), ("effnet", "efficientnet_lite0, ImageNet")):
         if (OUT / sub / "mixing.json").exists():
             lines += recognition_rows(OUT / sub, label)
+        if (OUT / f"{sub}_a200" / "mixing.json").exists():  # the set adapted at 200 px; its eq360 rows are sub's
+            lines += [row for row in recognition_rows(OUT / f"{sub}_a200", label) if "| eq360 |" not in row]
         if (OUT / f"{sub}_k30" / "mixing.json").exists():  # the same test images, 20 more REAL train images a class
             lines += recognition_rows(OUT / f"{sub}_k30", f"{label}, k = 30 real (reference)", OUT / sub)
     (OUT / "README.md").write_text("\n".join(lines) + "\n")
