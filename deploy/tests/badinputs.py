@@ -251,7 +251,8 @@ def deepest_progression_jpeg(side: int, depth: int = 13) -> bytes:
     scan = [jpg[a:b] for a, b in zip(starts, starts[1:], strict=False)]
 
     def refinements(k: int, down_to: int) -> list[bytes]:  # scan k without its trailing tables, refined
-        body = scan[k][:scan[k].find(b"\xff\xc4", 4)] if b"\xff\xc4" in scan[k][4:] else scan[k]
+        tables = scan[k].find(b"\xff\xc4", 4)
+        body = scan[k][:tables] if tables > 0 else scan[k]
         return [_with_point_transform(body, ah, ah - 1) for ah in range(depth, down_to, -1)]
 
     first = [scan[0], *(_with_point_transform(scan[k], 0, depth) for k in (1, 2, 3, 4))]
